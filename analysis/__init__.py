@@ -1,0 +1,3 @@
+"""Analyses of sdetr recordings and detections (QKVA grids, head statistics, small objects)."""
+
+__all__: list[str] = []

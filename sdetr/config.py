@@ -1,0 +1,193 @@
+"""Typed model configuration and the named presets.
+
+A model is a backbone followed by one or more transformer *stages*. Each stage reads one
+backbone level (``"c4"`` stride 16 or ``"c5"`` stride 32), projects it to ``hidden_dim``,
+encodes it and decodes a set of object queries. A stage may start its decoder from the
+previous stage's last decoder output (SDETR's stage 2) instead of from zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FeatureLevel = Literal["c4", "c5"]
+PositionKind = Literal["sine", "learned"]
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+
+#: Output channels of layer3 (C4) and layer4 (C5) for each supported ResNet.
+BACKBONE_CHANNELS: dict[str, dict[str, int]] = {
+    "resnet18": {"c4": 256, "c5": 512},
+    "resnet34": {"c4": 256, "c5": 512},
+    "resnet50": {"c4": 1024, "c5": 2048},
+    "resnet101": {"c4": 1024, "c5": 2048},
+}
+
+
+def _per_layer(value: int | tuple[int, ...], layers: int, name: str) -> tuple[int, ...]:
+    """Expand an int (same for every layer) or check a per-layer tuple."""
+    if isinstance(value, int):
+        return (value,) * layers
+    if len(value) != layers:
+        raise ValueError(f"{name} has {len(value)} entries but the stage has {layers} layers")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One transformer stage.
+
+    Attributes:
+        feature: backbone level the stage reads.
+        encoder_layers / decoder_layers: number of layers.
+        encoder_heads / decoder_heads: heads of every layer (int) or of each layer (tuple).
+        from_previous: start the decoder from the previous stage's last decoder output.
+    """
+
+    feature: FeatureLevel = "c5"
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    encoder_heads: int | tuple[int, ...] = 8
+    decoder_heads: int | tuple[int, ...] = 8
+    from_previous: bool = False
+
+    def encoder_heads_per_layer(self) -> tuple[int, ...]:
+        return _per_layer(self.encoder_heads, self.encoder_layers, "encoder_heads")
+
+    def decoder_heads_per_layer(self) -> tuple[int, ...]:
+        return _per_layer(self.decoder_heads, self.decoder_layers, "decoder_heads")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines a detector's architecture.
+
+    Attributes:
+        name: preset name this config came from (informational).
+        backbone: torchvision ResNet variant.
+        dilation: replace layer4's stride by dilation (DETR-DC5); C5 then has stride 16.
+        backbone_weights: optional local file with ImageNet weights (torchvision names).
+        hidden_dim / ffn_dim / dropout: transformer sizes.
+        position: ``"sine"`` (fixed) or ``"learned"`` position embeddings.
+        norm_first: pre-norm layers (LayerNorm before each sub-layer) instead of post-norm.
+        num_classes: largest class id + 1 (COCO: 91); the logits have one more (no-object).
+        num_queries: object queries per stage.
+        stages: the transformer stages, in order.
+    """
+
+    name: str = "custom"
+    backbone: BackboneName = "resnet50"
+    dilation: bool = False
+    backbone_weights: str | None = None
+    hidden_dim: int = 256
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    position: PositionKind = "sine"
+    norm_first: bool = False
+    num_classes: int = 91
+    num_queries: int = 100
+    stages: tuple[StageConfig, ...] = field(default_factory=lambda: (StageConfig(),))
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONE_CHANNELS:
+            raise ValueError(
+                f"backbone={self.backbone!r} is not supported; use one of {sorted(BACKBONE_CHANNELS)}"
+            )
+        if not self.stages:
+            raise ValueError("a model needs at least one stage")
+        if self.stages[0].from_previous:
+            raise ValueError("stage 1 cannot start from a previous stage (from_previous=True)")
+        for i, stage in enumerate(self.stages, start=1):
+            for heads in stage.encoder_heads_per_layer() + stage.decoder_heads_per_layer():
+                if heads < 1 or self.hidden_dim % heads:
+                    raise ValueError(
+                        f"stage {i}: hidden_dim={self.hidden_dim} is not divisible by heads={heads}"
+                    )
+            if stage.feature not in ("c4", "c5"):
+                raise ValueError(f"stage {i}: feature={stage.feature!r}; use 'c4' or 'c5'")
+        if self.position not in ("sine", "learned"):
+            raise ValueError(f"position={self.position!r}; use 'sine' or 'learned'")
+
+    def feature_channels(self, level: FeatureLevel) -> int:
+        return BACKBONE_CHANNELS[self.backbone][level]
+
+    def feature_stride(self, level: FeatureLevel) -> int:
+        if level == "c4":
+            return 16
+        return 16 if self.dilation else 32
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields {sorted(unknown)}; known: {sorted(known)}")
+        values = dict(data)
+        values["stages"] = tuple(
+            StageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
+            for s in values.get("stages", ())
+        )
+        return cls(**values)
+
+
+def _detr() -> ModelConfig:
+    return ModelConfig(name="detr", stages=(StageConfig("c5", 6, 6, 8, 8),))
+
+
+def _sdetr() -> ModelConfig:
+    return ModelConfig(
+        name="sdetr",
+        stages=(
+            StageConfig("c5", 3, 3, encoder_heads=8, decoder_heads=8),
+            StageConfig("c4", 3, 3, encoder_heads=1, decoder_heads=8, from_previous=True),
+        ),
+    )
+
+
+def _sdetr_multihead() -> ModelConfig:
+    base = _sdetr()
+    return base.replace(
+        name="sdetr-multihead",
+        stages=(base.stages[0], dataclasses.replace(base.stages[1], encoder_heads=8)),
+    )
+
+
+def _sdetr_tiny() -> ModelConfig:
+    return ModelConfig(
+        name="sdetr-tiny",
+        backbone="resnet18",
+        hidden_dim=64,
+        ffn_dim=128,
+        dropout=0.0,
+        num_queries=20,
+        stages=(
+            StageConfig("c5", 2, 2, encoder_heads=4, decoder_heads=4),
+            StageConfig("c4", 2, 2, encoder_heads=1, decoder_heads=4, from_previous=True),
+        ),
+    )
+
+
+#: Registry of named presets: name -> function returning a fresh config.
+PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    "sdetr": _sdetr,
+    "detr": _detr,
+    "sdetr-multihead": _sdetr_multihead,
+    "sdetr-tiny": _sdetr_tiny,
+}
+
+
+def get_config(preset: str, **overrides: Any) -> ModelConfig:
+    """The config of a named preset, with optional field overrides."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    config = PRESETS[preset]()
+    return config.replace(**overrides) if overrides else config

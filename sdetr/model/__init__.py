@@ -1,0 +1,24 @@
+"""Model components: backbone, positions, attention, transformer, detector, losses."""
+
+from sdetr.model.attention import Attention, AttentionProbe, attention_weights
+from sdetr.model.backbone import Backbone
+from sdetr.model.criterion import CriterionConfig, SetCriterion
+from sdetr.model.detector import Detector, Stage
+from sdetr.model.images import ImageBatch, normalize_image
+from sdetr.model.matcher import HungarianMatcher
+from sdetr.model.postprocess import postprocess
+
+__all__ = [
+    "Attention",
+    "AttentionProbe",
+    "Backbone",
+    "CriterionConfig",
+    "Detector",
+    "HungarianMatcher",
+    "ImageBatch",
+    "SetCriterion",
+    "Stage",
+    "attention_weights",
+    "normalize_image",
+    "postprocess",
+]

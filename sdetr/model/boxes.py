@@ -1,0 +1,27 @@
+"""Box formats and generalised IoU (thin wrappers over ``torchvision.ops``)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torchvision.ops import box_convert, generalized_box_iou
+
+
+def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """``[..., 4]`` (cx, cy, w, h) -> (x0, y0, x1, y1)."""
+    return box_convert(boxes, "cxcywh", "xyxy")
+
+
+def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
+    """``[..., 4]`` (x0, y0, x1, y1) -> (cx, cy, w, h)."""
+    return box_convert(boxes, "xyxy", "cxcywh")
+
+
+def pairwise_giou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Generalised IoU of every pair: ``[N, 4]``, ``[M, 4]`` xyxy -> ``[N, M]``.
+
+    Raises a clear error on degenerate boxes (x1 < x0 or y1 < y0), which would give NaN.
+    """
+    for name, boxes in (("boxes1", boxes1), ("boxes2", boxes2)):
+        if not (boxes[:, 2:] >= boxes[:, :2]).all():
+            raise ValueError(f"{name} has boxes with x1 < x0 or y1 < y0; GIoU needs valid xyxy boxes")
+    return generalized_box_iou(boxes1, boxes2)

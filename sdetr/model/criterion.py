@@ -1,0 +1,103 @@
+"""DETR's set criterion over every decoder output: CE (with a no-object weight), L1 and GIoU."""
+
+from __future__ import annotations
+
+import re
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import generalized_box_iou_loss
+
+from sdetr.model.boxes import cxcywh_to_xyxy
+from sdetr.model.matcher import HungarianMatcher, Target
+
+#: Weight of each loss in the total (auxiliary outputs use the same, with suffix ``_{i}``).
+DEFAULT_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+
+
+@dataclass
+class CriterionConfig:
+    """Loss weights and the no-object class weight."""
+
+    eos_coef: float = 0.1
+    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    matcher: HungarianMatcher = field(default_factory=HungarianMatcher)
+
+
+class SetCriterion(nn.Module):
+    """Hungarian-matched losses for the final and every auxiliary output.
+
+    Returns a dict with ``loss_ce``, ``loss_bbox``, ``loss_giou`` (weighted into ``total``) and
+    ``class_error``, ``cardinality_error`` for logging; auxiliary outputs add ``_{i}`` keys.
+    """
+
+    def __init__(self, num_classes: int, config: CriterionConfig | None = None) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.config = config or CriterionConfig()
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = self.config.eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    def num_boxes(self, targets: list[Target], device: torch.device) -> float:
+        """Target boxes per process averaged over processes, at least 1."""
+        count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(count)
+            count = count / dist.get_world_size()
+        return max(count.item(), 1.0)
+
+    def single_output_losses(self, outputs: dict, targets: list[Target], num_boxes: float) -> dict[str, Tensor]:
+        """Losses of one decoder output (``pred_logits [B, Q, C+1]``, ``pred_boxes [B, Q, 4]``)."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        matches = self.config.matcher(outputs, targets)
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(matches)])
+        src_idx = torch.cat([src for src, _ in matches])
+        matched_labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, matches, strict=True)])
+        matched_target_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, matches, strict=True)])
+
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[batch_idx, src_idx] = matched_labels.to(logits.device)  # [B, Q]
+        loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
+
+        src_boxes = boxes[batch_idx, src_idx]  # [M, 4]
+        target_boxes = matched_target_boxes.to(boxes.device)
+        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="sum") / num_boxes
+        loss_giou = (
+            generalized_box_iou_loss(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(target_boxes), reduction="sum")
+            / num_boxes
+        )
+        with torch.no_grad():
+            if len(matched_labels):
+                correct = (logits[batch_idx, src_idx].argmax(-1) == target_classes[batch_idx, src_idx]).float()
+                class_error = 100.0 - 100.0 * correct.mean()
+            else:
+                class_error = torch.tensor(100.0, device=logits.device)
+            predicted_objects = (logits.argmax(-1) != self.num_classes).sum(1).float()  # [B]
+            target_counts = torch.tensor([float(len(t["labels"])) for t in targets], device=logits.device)
+            cardinality_error = F.l1_loss(predicted_objects, target_counts)
+        return {
+            "loss_ce": loss_ce,
+            "loss_bbox": loss_bbox,
+            "loss_giou": loss_giou,
+            "class_error": class_error,
+            "cardinality_error": cardinality_error,
+        }
+
+    def loss_weight(self, key: str) -> float | None:
+        """Weight of a loss key (``loss_giou_3`` -> weight of ``loss_giou``); None for metrics."""
+        return self.config.weights.get(re.sub(r"_\d+$", "", key))
+
+    def forward(self, outputs: dict, targets: list[Target]) -> dict[str, Tensor]:
+        num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
+        losses = self.single_output_losses(outputs, targets, num_boxes)
+        for index, aux in enumerate(outputs.get("aux_outputs", [])):
+            aux_losses = self.single_output_losses(aux, targets, num_boxes)
+            losses.update({f"{k}_{index}": v for k, v in aux_losses.items() if k in self.config.weights})
+        weighted = [value * w for key, value in losses.items() if (w := self.loss_weight(key)) is not None]
+        losses["total"] = torch.stack(weighted).sum()
+        return losses

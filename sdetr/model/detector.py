@@ -1,0 +1,153 @@
+"""The detector: backbone -> one or more transformer stages -> shared class and box heads.
+
+``detr`` has one stage on C5; ``sdetr`` has stage 1 on C5 and stage 2 on C4, whose decoder
+starts from stage 1's last decoder output. Every decoder layer's output goes through the
+shared heads; the last is the prediction and the others are ``aux_outputs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from sdetr.config import ModelConfig, StageConfig
+from sdetr.model.attention import Attention
+from sdetr.model.backbone import Backbone
+from sdetr.model.images import ImageBatch
+from sdetr.model.position import build_position_embedding
+from sdetr.model.transformer import Decoder, DecoderLayer, Encoder, EncoderLayer
+
+Prediction = dict[str, Tensor]
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them (``layers.{i}`` as the original ``bbox_embed``)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+        outs = [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs, strict=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class Stage(nn.Module):
+    """Input projection, position embedding, encoder, decoder and the stage's object queries."""
+
+    def __init__(self, config: ModelConfig, stage: StageConfig) -> None:
+        super().__init__()
+        dim = config.hidden_dim
+        self.feature = stage.feature
+        self.from_previous = stage.from_previous
+        self.stride = config.feature_stride(stage.feature)
+        self.input_proj = nn.Conv2d(config.feature_channels(stage.feature), dim, kernel_size=1)
+        self.query_embed = nn.Embedding(config.num_queries, dim)
+        self.position = build_position_embedding(config.position, dim)
+        self.encoder = Encoder(
+            [
+                EncoderLayer(dim, heads, config.ffn_dim, config.dropout, config.norm_first)
+                for heads in stage.encoder_heads_per_layer()
+            ],
+            dim,
+            config.norm_first,
+        )
+        self.decoder = Decoder(
+            [
+                DecoderLayer(dim, heads, config.ffn_dim, config.dropout, config.norm_first)
+                for heads in stage.decoder_heads_per_layer()
+            ],
+            dim,
+        )
+        for module in (self.encoder, self.decoder):
+            for parameter in module.parameters():
+                if parameter.dim() > 1:
+                    nn.init.xavier_uniform_(parameter)
+
+    def forward(self, features: Tensor, mask: Tensor, tgt: Tensor | None) -> Tensor:
+        """Args:
+            features: ``[B, C, H, W]`` backbone level; mask: ``[B, H, W]`` True = padded.
+            tgt: ``[B, Q, E]`` decoder start (previous stage's output), or None for zeros.
+        Returns:
+            the normed output of every decoder layer, ``[L, B, Q, E]``.
+        """
+        pos = self.position(mask).to(features.dtype).flatten(2).transpose(1, 2)  # [B, HW, E]
+        x = self.input_proj(features).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, E]
+        flat_mask = mask.flatten(1)  # [B, HW]
+        memory = self.encoder(x, pos, flat_mask)  # [B, HW, E]
+        query_pos = self.query_embed.weight[None].expand(x.shape[0], -1, -1)  # [B, Q, E]
+        if tgt is None:
+            tgt = torch.zeros_like(query_pos)
+        return self.decoder(tgt, query_pos, memory, pos, flat_mask)  # type: ignore[no-any-return]
+
+
+class Detector(nn.Module):
+    """A DETR-family detector built from a :class:`~sdetr.config.ModelConfig`.
+
+    Stages are attributes ``stage1``, ``stage2``, ...; attention layers carry stable site names
+    (``stage2.encoder.0.self_attn``, ``stage1.decoder.2.cross_attn``).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        levels = tuple(dict.fromkeys(stage.feature for stage in config.stages))
+        self.backbone = Backbone(config, levels)
+        self.num_stages = len(config.stages)
+        for index, stage in enumerate(config.stages, start=1):
+            self.add_module(f"stage{index}", Stage(config, stage))
+        self.class_embed = nn.Linear(config.hidden_dim, config.num_classes + 1)
+        self.bbox_embed = MLP(config.hidden_dim, config.hidden_dim, 4, 3)
+        for name, module in self.attention_sites().items():
+            module.site = name
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [getattr(self, f"stage{index}") for index in range(1, self.num_stages + 1)]
+
+    def attention_sites(self) -> dict[str, Attention]:
+        """Every attention layer by its stable site name, in forward order."""
+        sites: dict[str, Attention] = {}
+        for index, stage in enumerate(self.stages, start=1):
+            for i, enc in enumerate(stage.encoder.layers):
+                sites[f"stage{index}.encoder.{i}.self_attn"] = enc.self_attn
+            for i, dec in enumerate(stage.decoder.layers):
+                sites[f"stage{index}.decoder.{i}.self_attn"] = dec.self_attn
+                sites[f"stage{index}.decoder.{i}.cross_attn"] = dec.cross_attn
+        return sites
+
+    def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> dict:
+        """Args:
+            images: ``[B, 3, H, W]`` normalised images, or a list of ``[3, H_i, W_i]`` ones.
+            mask: optional ``[B, H, W]`` bool pad mask (True = padded) for a tensor input.
+        Returns:
+            ``pred_logits [B, Q, num_classes + 1]``, ``pred_boxes [B, Q, 4]`` (cx, cy, w, h in
+            [0, 1] of the unpadded image) and ``aux_outputs``, the earlier decoder layers'
+            predictions (a list of dicts with the same two keys).
+        """
+        batch = ImageBatch.from_input(images, mask)
+        features = self.backbone(batch.tensors, batch.mask)
+        tgt: Tensor | None = None
+        decoded = []
+        for stage in self.stages:
+            level_features, level_mask = features[stage.feature]
+            hs = stage(level_features, level_mask, tgt if stage.from_previous else None)  # [L, B, Q, E]
+            tgt = hs[-1]
+            decoded.append(hs)
+        hs = torch.cat(decoded)  # [total decoder layers, B, Q, E]
+        logits = self.class_embed(hs)  # [L, B, Q, C + 1]
+        boxes = self.bbox_embed(hs).sigmoid()  # [L, B, Q, 4]
+        return {
+            "pred_logits": logits[-1],
+            "pred_boxes": boxes[-1],
+            "aux_outputs": [
+                {"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=True)
+            ],
+        }

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def read_reference_tsv(name: str) -> dict[str, tuple[int, ...]]:
+    """key -> shape from one of the reference state-dict listings."""
+    rows = {}
+    for line in (REFERENCE_DIR / name).read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, _dtype = line.split("\t")
+        rows[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
+    return rows
+
+
+@pytest.fixture
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two images of different sizes padded into one batch: ``[2, 3, 128, 160]`` and its mask."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.zeros(2, 3, 128, 160)
+    mask = torch.ones(2, 128, 160, dtype=torch.bool)
+    images[0] = torch.randn(3, 128, 160, generator=generator)
+    mask[0] = False
+    images[1, :, :96, :128] = torch.randn(3, 96, 128, generator=generator)
+    mask[1, :96, :128] = False
+    return images, mask
