@@ -92,9 +92,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONE_CHANNELS:
-            raise ValueError(
-                f"backbone={self.backbone!r} is not supported; use one of {sorted(BACKBONE_CHANNELS)}"
-            )
+            raise ValueError(f"backbone={self.backbone!r} is not supported; use one of {sorted(BACKBONE_CHANNELS)}")
         if not self.stages:
             raise ValueError("a model needs at least one stage")
         if self.stages[0].from_previous:
@@ -102,9 +100,7 @@ class ModelConfig:
         for i, stage in enumerate(self.stages, start=1):
             for heads in stage.encoder_heads_per_layer() + stage.decoder_heads_per_layer():
                 if heads < 1 or self.hidden_dim % heads:
-                    raise ValueError(
-                        f"stage {i}: hidden_dim={self.hidden_dim} is not divisible by heads={heads}"
-                    )
+                    raise ValueError(f"stage {i}: hidden_dim={self.hidden_dim} is not divisible by heads={heads}")
             if stage.feature not in ("c4", "c5"):
                 raise ValueError(f"stage {i}: feature={stage.feature!r}; use 'c4' or 'c5'")
         if self.position not in ("sine", "learned"):
@@ -132,10 +128,11 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config fields {sorted(unknown)}; known: {sorted(known)}")
         values = dict(data)
-        values["stages"] = tuple(
-            StageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
-            for s in values.get("stages", ())
-        )
+        stages = []
+        for stage in values.get("stages", ()):
+            fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in stage.items()}
+            stages.append(StageConfig(**fields))
+        values["stages"] = tuple(stages)
         return cls(**values)
 
 

@@ -117,12 +117,12 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 def test_garbage_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "notes.pth"
     path.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="notes.pth"):
+    with pytest.raises(CheckpointError, match=r"notes\.pth"):
         load_model(path)
 
 
 def test_missing_file_names_the_path(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
         load_model(tmp_path / "nope.pth")
 
 

@@ -89,9 +89,7 @@ class Attention(nn.Module):
             split(F.linear(value, w_v, b_v)),
         )
 
-    def forward(
-        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Args:
             query: ``[B, Lq, E]``; key, value: ``[B, Lk, E]``.
             key_padding_mask: ``[B, Lk]`` bool, True on padded keys.
@@ -109,9 +107,7 @@ class Attention(nn.Module):
         merged = heads_out.transpose(1, 2).reshape(batch, length, self.embed_dim)  # [B, Lq, E]
         return self.out_proj(merged)
 
-    def _explicit(
-        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, dropout: float
-    ) -> Tensor:
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, dropout: float) -> Tensor:
         a = attention_weights(q, k, key_padding_mask)  # [B, heads, Lq, Lk]
         for probe in self.probes:
             a = probe.on_weights(self, q, k, v, a)

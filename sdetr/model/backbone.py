@@ -37,7 +37,7 @@ class Backbone(nn.Module):
             kwargs["replace_stride_with_dilation"] = replace_stride
         elif config.dilation:
             raise ValueError(f"dilation is only supported for resnet50/101, not {config.backbone}")
-        body: nn.Module = factory(**kwargs)
+        body: torchvision.models.ResNet = factory(**kwargs)
         del body.fc, body.avgpool  # classification head: unused, no parameters kept
         self.body = body
         self.levels = levels
@@ -69,8 +69,8 @@ class Backbone(nn.Module):
 
     def forward(self, images: Tensor, mask: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """Args:
-            images: ``[B, 3, H, W]`` normalised images.
-            mask: ``[B, H, W]`` True on padded pixels.
+        images: ``[B, 3, H, W]`` normalised images.
+        mask: ``[B, H, W]`` True on padded pixels.
         """
         body = self.body
         x = body.maxpool(body.relu(body.bn1(body.conv1(images))))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +33,8 @@ class SetCriterion(nn.Module):
     Returns a dict with ``loss_ce``, ``loss_bbox``, ``loss_giou`` (weighted into ``total``) and
     ``class_error``, ``cardinality_error`` for logging; auxiliary outputs add ``_{i}`` keys.
     """
+
+    empty_weight: Tensor
 
     def __init__(self, num_classes: int, config: CriterionConfig | None = None) -> None:
         super().__init__()

@@ -8,6 +8,7 @@ shared heads; the last is the prediction and the others are ``aux_outputs``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -117,10 +118,10 @@ class Detector(nn.Module):
         sites: dict[str, Attention] = {}
         for index, stage in enumerate(self.stages, start=1):
             for i, enc in enumerate(stage.encoder.layers):
-                sites[f"stage{index}.encoder.{i}.self_attn"] = enc.self_attn
+                sites[f"stage{index}.encoder.{i}.self_attn"] = cast(EncoderLayer, enc).self_attn
             for i, dec in enumerate(stage.decoder.layers):
-                sites[f"stage{index}.decoder.{i}.self_attn"] = dec.self_attn
-                sites[f"stage{index}.decoder.{i}.cross_attn"] = dec.cross_attn
+                sites[f"stage{index}.decoder.{i}.self_attn"] = cast(DecoderLayer, dec).self_attn
+                sites[f"stage{index}.decoder.{i}.cross_attn"] = cast(DecoderLayer, dec).cross_attn
         return sites
 
     def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> dict:

@@ -93,8 +93,6 @@ def _check_image(image: Tensor, name: str) -> None:
     if image.shape[0] != 3:
         raise ValueError(f"{name} has {image.shape[0]} channels; the backbone expects 3 (RGB) in [3, H, W]")
     if not image.is_floating_point():
-        raise TypeError(
-            f"{name} has dtype {image.dtype}; convert to float and normalise with sdetr.normalize_image"
-        )
+        raise TypeError(f"{name} has dtype {image.dtype}; convert to float and normalise with sdetr.normalize_image")
     if image.shape[1] < 32 or image.shape[2] < 32:
         raise ValueError(f"{name} is {image.shape[1]}x{image.shape[2]} pixels; the backbone needs at least 32x32")

@@ -72,9 +72,7 @@ class DecoderLayer(_FFNMixin):
         self.self_dropout = nn.Dropout(dropout)
         self.cross_dropout = nn.Dropout(dropout)
 
-    def forward(
-        self, tgt: Tensor, query_pos: Tensor, memory: Tensor, pos: Tensor, memory_mask: Tensor
-    ) -> Tensor:
+    def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, pos: Tensor, memory_mask: Tensor) -> Tensor:
         """``tgt, query_pos [B, Q, E]``; ``memory, pos [B, HW, E]``; ``memory_mask [B, HW]``."""
 
         def self_attend(h: Tensor) -> Tensor:
@@ -110,9 +108,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(
-        self, tgt: Tensor, query_pos: Tensor, memory: Tensor, pos: Tensor, memory_mask: Tensor
-    ) -> Tensor:
+    def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, pos: Tensor, memory_mask: Tensor) -> Tensor:
         """Returns the normed output of every layer, ``[L, B, Q, E]``."""
         outputs = []
         for layer in self.layers:

@@ -1,0 +1,61 @@
+"""Set criterion on a tiny case computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sdetr.model.criterion import SetCriterion
+
+
+def _tiny_outputs() -> dict:
+    # one class (+ no-object); q0 predicts the object, q1 predicts no-object
+    logits = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]]])
+    return {"pred_logits": logits, "pred_boxes": boxes}
+
+
+TARGET = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.2]])}]
+
+
+def test_hand_checked_losses() -> None:
+    losses = SetCriterion(num_classes=1)(_tiny_outputs(), TARGET)
+    ce_q0 = math.log(1 + math.exp(-1))  # target class 0 with logits (1, 0)
+    ce_q1 = math.log(1 + math.exp(-2))  # no-object with logits (0, 2), weight 0.1
+    expected_ce = (ce_q0 + 0.1 * ce_q1) / 1.1
+    assert losses["loss_ce"].item() == pytest.approx(expected_ce, abs=1e-6)
+    assert losses["loss_bbox"].item() == pytest.approx(0.2, abs=1e-6)  # |0.2 - 0.4| on w
+    # xyxy (0.4,0.4,0.6,0.6) vs (0.3,0.4,0.7,0.6): IoU 0.5, hull = union -> GIoU 0.5
+    assert losses["loss_giou"].item() == pytest.approx(0.5, abs=1e-6)
+    assert losses["class_error"].item() == 0.0
+    assert losses["cardinality_error"].item() == 0.0
+    assert losses["total"].item() == pytest.approx(expected_ce + 5 * 0.2 + 2 * 0.5, abs=1e-5)
+
+
+def test_aux_outputs_are_supervised_with_suffixes() -> None:
+    outputs = _tiny_outputs()
+    outputs["aux_outputs"] = [_tiny_outputs(), _tiny_outputs()]
+    losses = SetCriterion(num_classes=1)(outputs, TARGET)
+    assert {"loss_ce_0", "loss_bbox_1", "loss_giou_1"} <= set(losses)
+    single = SetCriterion(num_classes=1)(_tiny_outputs(), TARGET)["total"]
+    torch.testing.assert_close(losses["total"], 3 * single)
+
+
+def test_empty_targets_only_push_towards_no_object() -> None:
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    losses = SetCriterion(num_classes=1)(_tiny_outputs(), empty)
+    assert losses["loss_bbox"].item() == 0.0 and losses["loss_giou"].item() == 0.0
+    expected_ce = (math.log(1 + math.exp(1)) * 0.1 + math.log(1 + math.exp(-2)) * 0.1) / 0.2
+    assert losses["loss_ce"].item() == pytest.approx(expected_ce, abs=1e-6)
+    assert losses["cardinality_error"].item() == 1.0
+
+
+def test_gradients_flow_to_boxes_and_logits() -> None:
+    outputs = _tiny_outputs()
+    outputs["pred_logits"].requires_grad_(True)
+    outputs["pred_boxes"].requires_grad_(True)
+    SetCriterion(num_classes=1)(outputs, TARGET)["total"].backward()
+    assert outputs["pred_boxes"].grad is not None and outputs["pred_boxes"].grad[0, 0].abs().sum() > 0
+    assert outputs["pred_boxes"].grad[0, 1].abs().sum() == 0  # unmatched query: no box loss
