@@ -37,7 +37,8 @@ def main() -> None:
     torch.manual_seed(0)
     out_dir = Path(args.output_dir)
 
-    print("preset             trainable params   forward (1 image, %dx%d)" % tuple(args.size))
+    height, width = args.size
+    print(f"preset             trainable params   forward (1 image, {height}x{width})")
     image = normalize_image(synthetic_image(*args.size))
     summary = {}
     for name in PRESETS:
