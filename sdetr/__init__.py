@@ -10,6 +10,19 @@ Public API::
 from sdetr.build import build_model, count_parameters
 from sdetr.checkpoints import CheckpointError, load_model, save_model, to_original_state_dict
 from sdetr.config import PRESETS, ModelConfig, StageConfig, get_config
+from sdetr.instrument import (
+    GridGeometry,
+    Recording,
+    RecordingBudgetError,
+    RecordingError,
+    SiteGrids,
+    estimate_bytes,
+    gate_heads,
+    load_recording,
+    patch_attention,
+    record,
+    sites,
+)
 from sdetr.model import (
     Detector,
     HungarianMatcher,
@@ -23,6 +36,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "GridGeometry",
+    "Recording",
+    "RecordingBudgetError",
+    "RecordingError",
+    "SiteGrids",
+    "estimate_bytes",
+    "gate_heads",
+    "load_recording",
+    "patch_attention",
+    "record",
+    "sites",
     "CheckpointError",
     "Detector",
     "HungarianMatcher",

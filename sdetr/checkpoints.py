@@ -267,6 +267,7 @@ def load_model(
             "Pass preset=... or config=... if the file is of another variant."
         )
     model.load_state_dict(state, strict=False)
+    model.checkpoint_path = None if isinstance(source, Mapping) else str(Path(source).resolve())
     return model.to(device).eval()
 
 

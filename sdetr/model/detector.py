@@ -99,6 +99,7 @@ class Detector(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.checkpoint_path: str | None = None  # set by load_model: the file the weights came from
         levels = tuple(dict.fromkeys(stage.feature for stage in config.stages))
         self.backbone = Backbone(config, levels)
         self.num_stages = len(config.stages)
