@@ -15,17 +15,7 @@ from pathlib import Path
 import torch
 
 from sdetr import PRESETS, build_model, count_parameters, load_model, normalize_image, postprocess, save_model
-
-
-def synthetic_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
-    """``[3, H, W]`` in [0, 1]: a textured background with a few coloured rectangles."""
-    g = torch.Generator().manual_seed(seed)
-    image = torch.rand(3, height, width, generator=g) * 0.2 + 0.4
-    for _ in range(4):
-        h, w = (int(x) for x in torch.randint(16, height // 2, (2,), generator=g))
-        y, x = int(torch.randint(0, height - h, (1,), generator=g)), int(torch.randint(0, width - w, (1,), generator=g))
-        image[:, y : y + h, x : x + w] = torch.rand(3, 1, 1, generator=g)
-    return image
+from sdetr.data import synthetic_image
 
 
 def main() -> None:

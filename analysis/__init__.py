@@ -1,3 +1,5 @@
 """Analyses of sdetr recordings and detections (QKVA grids, head statistics, small objects)."""
 
-__all__: list[str] = []
+from analysis.qkva import plot_qkva, principal_component
+
+__all__ = ["plot_qkva", "principal_component"]
