@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 FeatureLevel = Literal["c4", "c5"]
 PositionKind = Literal["sine", "learned"]
+BackboneNorm = Literal["frozen_bn", "group_norm"]
 BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
 
 #: Output channels of layer3 (C4) and layer4 (C5) for each supported ResNet.
@@ -69,6 +70,9 @@ class ModelConfig:
         backbone: torchvision ResNet variant.
         dilation: replace layer4's stride by dilation (DETR-DC5); C5 then has stride 16.
         backbone_weights: optional local file with ImageNet weights (torchvision names).
+        backbone_norm: ``"frozen_bn"`` (the original: pretrained statistics, frozen) or
+            ``"group_norm"`` (32 groups; for training the backbone from scratch, batch-independent).
+        freeze_stem: keep conv1, bn1 and layer1 frozen (the original, with pretrained weights).
         hidden_dim / ffn_dim / dropout: transformer sizes.
         position: ``"sine"`` (fixed) or ``"learned"`` position embeddings.
         norm_first: pre-norm layers (LayerNorm before each sub-layer) instead of post-norm.
@@ -81,6 +85,8 @@ class ModelConfig:
     backbone: BackboneName = "resnet50"
     dilation: bool = False
     backbone_weights: str | None = None
+    backbone_norm: BackboneNorm = "frozen_bn"
+    freeze_stem: bool = True
     hidden_dim: int = 256
     ffn_dim: int = 2048
     dropout: float = 0.1
@@ -103,6 +109,8 @@ class ModelConfig:
                     raise ValueError(f"stage {i}: hidden_dim={self.hidden_dim} is not divisible by heads={heads}")
             if stage.feature not in ("c4", "c5"):
                 raise ValueError(f"stage {i}: feature={stage.feature!r}; use 'c4' or 'c5'")
+        if self.backbone_norm not in ("frozen_bn", "group_norm"):
+            raise ValueError(f"backbone_norm={self.backbone_norm!r}; use 'frozen_bn' or 'group_norm'")
         if self.position not in ("sine", "learned"):
             raise ValueError(f"position={self.position!r}; use 'sine' or 'learned'")
 
@@ -162,6 +170,8 @@ def _sdetr_tiny() -> ModelConfig:
     return ModelConfig(
         name="sdetr-tiny",
         backbone="resnet18",
+        backbone_norm="group_norm",  # no pretrained weights here: trained from scratch
+        freeze_stem=False,
         hidden_dim=64,
         ffn_dim=128,
         dropout=0.0,

@@ -1,5 +1,19 @@
-"""Data: synthetic images (the COCO pipeline and the embedded dataset come with the trainer)."""
+"""Data: COCO detection (pycocotools), DETR transforms, the embedded synthetic set."""
 
-from sdetr.data.synthetic import synthetic_image
+from sdetr.data.coco import BadDataError, CocoDetection, CocoPaths, collate, load_coco
+from sdetr.data.synthetic import SyntheticSpec, generate_synthetic_coco, synthetic_image
+from sdetr.data.transforms import SCALES, Scale, build_transforms
 
-__all__ = ["synthetic_image"]
+__all__ = [
+    "SCALES",
+    "BadDataError",
+    "CocoDetection",
+    "CocoPaths",
+    "Scale",
+    "SyntheticSpec",
+    "build_transforms",
+    "collate",
+    "generate_synthetic_coco",
+    "load_coco",
+    "synthetic_image",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
 class Backbone(nn.Module):
     """A torchvision ResNet with every BatchNorm frozen.
 
-    conv1, bn1 and layer1 never train (as in DETR); layer2..4 train when ``train_backbone``.
+    With ``freeze_stem`` (the original), conv1, bn1 and layer1 never train; layer2..4 do.
     The forward returns the requested levels as ``{level: (features [B, C, h, w], mask [B, h, w])}``.
     """
 
@@ -32,7 +33,8 @@ class Backbone(nn.Module):
         super().__init__()
         factory = getattr(torchvision.models, config.backbone)
         replace_stride = [False, False, config.dilation]
-        kwargs: dict[str, object] = {"weights": None, "norm_layer": FrozenBatchNorm2d}
+        norm_layer = FrozenBatchNorm2d if config.backbone_norm == "frozen_bn" else partial(nn.GroupNorm, 32)
+        kwargs: dict[str, object] = {"weights": None, "norm_layer": norm_layer}
         if config.backbone in ("resnet50", "resnet101"):
             kwargs["replace_stride_with_dilation"] = replace_stride
         elif config.dilation:
@@ -44,9 +46,10 @@ class Backbone(nn.Module):
         self.num_channels = {level: config.feature_channels(level) for level in levels}  # type: ignore[arg-type]
         if config.backbone_weights is not None:
             self.load_imagenet_weights(config.backbone_weights)
-        for name, parameter in self.body.named_parameters():
-            if not name.startswith(("layer2", "layer3", "layer4")):
-                parameter.requires_grad_(False)
+        if config.freeze_stem:
+            for name, parameter in self.body.named_parameters():
+                if not name.startswith(("layer2", "layer3", "layer4")):
+                    parameter.requires_grad_(False)
 
     def load_imagenet_weights(self, path: str | Path) -> None:
         """Load torchvision-format ImageNet weights from a local file (never downloads)."""
