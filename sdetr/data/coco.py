@@ -65,7 +65,7 @@ def load_coco(annotation_file: str | os.PathLike[str]) -> COCO:
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return COCO(str(path))
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, AssertionError) as error:  # pycocotools asserts on format
         raise BadDataError(f"{path}: not a COCO annotation file ({type(error).__name__}: {error})") from None
 
 

@@ -129,7 +129,8 @@ def _write_split(root: Path, split: str, count: int, spec: SyntheticSpec, seed: 
     rng = np.random.default_rng(seed)
     folder = root / f"{split}2017"
     folder.mkdir(parents=True)
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for index in tqdm(range(count), desc=f"synthetic {split}", leave=False):
         image, objects = render_scene(rng, spec)
         name = f"{index:06d}.png"

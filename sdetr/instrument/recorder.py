@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -313,7 +314,7 @@ class Recorder(BaseProbe, Mapping[str, SiteGrids]):
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
-    def save(self, path: str | os.PathLike[str]) -> os.PathLike[str]:
+    def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the kept grids to ``path`` (see :mod:`sdetr.instrument.storage`)."""
         from sdetr.instrument.storage import save_recording
 

@@ -1,12 +1,58 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import torch
 
-from sdetr.data import synthetic_image
+from sdetr.data import SyntheticSpec, generate_synthetic_coco, load_coco, synthetic_image
+from sdetr.data.__main__ import main as generate_command
 
 
-def test_deterministic_and_in_range() -> None:
+def test_synthetic_image_deterministic_and_in_range() -> None:
     a, b = synthetic_image(64, 96, seed=5), synthetic_image(64, 96, seed=5)
     assert a.shape == (3, 64, 96) and torch.equal(a, b)
     assert not torch.equal(a, synthetic_image(64, 96, seed=6))
     assert a.min() >= 0 and a.max() <= 1
+
+
+def test_dataset_loads_through_pycocotools_and_covers_coco_size_ranges(tmp_path: Path) -> None:
+    spec = SyntheticSpec(num_train=80, num_val=10, seed=3)
+    root = generate_synthetic_coco(spec, tmp_path)
+    coco = load_coco(root / "annotations" / "instances_train2017.json")
+    assert len(coco.imgs) == 80 and len(coco.cats) == 4
+    areas = np.array([ann["area"] for ann in coco.anns.values()])
+    small, large = (areas < 32**2).sum(), (areas > 96**2).sum()
+    medium = len(areas) - small - large
+    assert small >= 10 and medium >= 10 and large >= 3, (small, medium, large)
+    for ann in coco.anns.values():
+        x, y, w, h = ann["bbox"]
+        info = coco.imgs[ann["image_id"]]
+        assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= info["width"] and y + h <= info["height"]
+        assert ann["area"] <= w * h
+    assert len(list((root / "train2017").glob("*.png"))) == 80
+
+
+def test_deterministic_and_cached(tmp_path: Path) -> None:
+    spec = SyntheticSpec(num_train=6, num_val=2, seed=9)
+    first = generate_synthetic_coco(spec, tmp_path / "a")
+    second = generate_synthetic_coco(spec, tmp_path / "b")
+    text = (first / "annotations" / "instances_train2017.json").read_text()
+    assert text == (second / "annotations" / "instances_train2017.json").read_text()
+    stamp = (first / "annotations" / "instances_train2017.json").stat().st_mtime_ns
+    assert generate_synthetic_coco(spec, tmp_path / "a") == first  # reused, not regenerated
+    assert (first / "annotations" / "instances_train2017.json").stat().st_mtime_ns == stamp
+    other = generate_synthetic_coco(SyntheticSpec(num_train=6, num_val=2, seed=10), tmp_path / "a")
+    assert other != first and json.loads(text) != json.loads(
+        (other / "annotations" / "instances_train2017.json").read_text()
+    )
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no half-built folders
+
+
+def test_generator_command(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    generate_command(
+        ["--num_train", "3", "--num_val", "2", "--height", "96", "--width", "128", "--cache_dir", str(tmp_path)]
+    )
+    root = Path(capsys.readouterr().out.strip())
+    assert load_coco(root / "annotations" / "instances_val2017.json").imgs[1]["width"] == 128

@@ -1,0 +1,179 @@
+"""The trainer: resume exactness, 2-process equivalence (gloo), failure handling, logs, probes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdetr import load_recording
+from sdetr.data.synthetic import SyntheticSpec, render_scene
+from sdetr.engine import NonFiniteLossError, TrainConfig, Trainer
+from sdetr.engine.trainer import CHECKPOINT_NAME
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL_MODEL = {"hidden_dim": 32, "ffn_dim": 32, "num_queries": 6}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDETR_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def small_config(output: Path, **changes: object) -> TrainConfig:
+    values: dict = dict(
+        model_overrides=SMALL_MODEL,
+        synthetic_train=12,
+        synthetic_val=4,
+        max_train_images=8,
+        batch_size=4,
+        epochs=2,
+        lr_drop=1,
+        eval_every=0,
+        output_dir=str(output),
+        device="cpu",
+    )
+    values.update(changes)
+    return TrainConfig(**values)  # type: ignore[arg-type]
+
+
+def final_state(output: Path) -> dict[str, torch.Tensor]:
+    return torch.load(output / CHECKPOINT_NAME, weights_only=True)["model"]
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    """2 epochs straight == 1 epoch, resume, 1 more (augmentation on: RNG state is restored)."""
+    Trainer(small_config(tmp_path / "straight")).run()
+    Trainer(small_config(tmp_path / "split", epochs=1)).run()
+    first_half = torch.load(tmp_path / "split" / CHECKPOINT_NAME, weights_only=True)
+    assert first_half["epoch"] == 0
+    resumed = Trainer(small_config(tmp_path / "split", resume=str(tmp_path / "split" / CHECKPOINT_NAME)))
+    assert resumed.start_epoch == 1 and resumed.scheduler.last_epoch == 1
+    resumed.run()
+    straight, split = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
+    assert straight.keys() == split.keys()
+    for key in straight:
+        assert torch.equal(straight[key], split[key]), key
+    assert not torch.equal(straight["class_embed.weight"], first_half["model"]["class_embed.weight"])
+    log = [json.loads(line) for line in (tmp_path / "split" / "log.txt").read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [0, 1]
+
+
+def test_log_evaluation_and_detections(tmp_path: Path) -> None:
+    entries = Trainer(small_config(tmp_path, epochs=1, eval_every=1, probe_sites="stage2.encoder.*")).run()
+    entry = json.loads((tmp_path / "log.txt").read_text().splitlines()[0])
+    assert entry == entries[0]  # JSON round-trips floats exactly
+    for key in (
+        "train_loss",
+        "train_loss_ce",
+        "train_loss_bbox_0",
+        "train_class_error",
+        "train_lr",
+        "test_loss",
+        "epoch",
+        "n_parameters",
+    ):
+        assert key in entry
+    assert len(entry["test_coco_eval_bbox"]) == 12
+    detections = json.loads((tmp_path / "detections_val.json").read_text())
+    assert {d["image_id"] for d in detections} == {1, 2, 3, 4} and len(detections) == 4 * 6
+    rec = load_recording(tmp_path / "recordings" / "epoch_0000.safetensors")
+    assert sorted(rec) == ["stage2.encoder.0.self_attn", "stage2.encoder.1.self_attn"]
+    assert rec["stage2.encoder.0.self_attn"].a.shape[0] == 2  # the probe batch: 2 val images
+    evaluated = Trainer(small_config(tmp_path / "eval", eval_only=True, resume=str(tmp_path / CHECKPOINT_NAME))).run()
+    assert evaluated[0]["test_coco_eval_bbox"] == pytest.approx(entry["test_coco_eval_bbox"])
+    assert (tmp_path / "eval" / "detections_val.json").is_file()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = Trainer(small_config(tmp_path, epochs=3))
+    original = trainer.criterion.forward
+    calls = {"n": 0}
+
+    def poisoned(outputs, targets):  # type: ignore[no-untyped-def]
+        losses = original(outputs, targets)
+        calls["n"] += 1
+        if calls["n"] == 4:  # epoch 1, step 1 (two steps per epoch)
+            losses["loss_giou"] = losses["loss_giou"] * float("nan")
+            losses["total"] = losses["total"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(trainer.criterion, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 1 .*loss_giou.*checkpoint\.pth"):
+        trainer.run()
+    kept = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert kept["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def _two_object_coco(root: Path, count: int = 4) -> None:
+    """Images with exactly two objects each (so both processes match the same number of boxes)."""
+    rng = np.random.default_rng(0)
+    spec = SyntheticSpec(height=96, width=128, max_objects=2, min_side=16)
+    images, annotations = [], []
+    (root / "train2017").mkdir(parents=True)
+    (root / "val2017").mkdir()
+    (root / "annotations").mkdir()
+    while len(images) < count:
+        image, objects = render_scene(rng, spec)
+        if len(objects) != 2:
+            continue
+        image_id = len(images) + 1
+        image.save(root / "train2017" / f"{image_id}.png")
+        image.save(root / "val2017" / f"{image_id}.png")
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 128, "height": 96})
+        annotations += [{"id": len(annotations) + 1, "image_id": image_id, **obj} for obj in objects]
+    categories = [{"id": i, "name": str(i)} for i in range(1, 5)]
+    for split in ("train", "val"):
+        payload = {"images": images, "annotations": annotations, "categories": categories}
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(payload))
+    assert Image.open(root / "train2017" / "1.png").size == (128, 96)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_gloo_processes_equal_one_process_with_the_combined_batch(tmp_path: Path) -> None:
+    _two_object_coco(tmp_path / "coco")
+    common = [
+        "--coco_path", str(tmp_path / "coco"), "--scale", "synthetic", "--no_augment", "--epochs", "1",
+        "--eval_every", "0", "--device", "cpu", "--seed", "5",
+        "--set", "hidden_dim=32", "--set", "ffn_dim=32", "--set", "num_queries=6",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    single = [
+        sys.executable,
+        str(REPO / "train.py"),
+        *common,
+        "--batch_size",
+        "4",
+        "--output_dir",
+        str(tmp_path / "one"),
+    ]
+    subprocess.run(single, check=True, env=env, capture_output=True, timeout=300)
+    torchrun = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}", str(REPO / "train.py"), *common, "--batch_size", "2",
+        "--output_dir", str(tmp_path / "two"),
+    ]  # fmt: skip
+    result = subprocess.run(torchrun, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    changed = 0
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=2e-6, rtol=0, msg=key)
+        changed += 1
+    assert changed == len(one)
+    ckpt = torch.load(tmp_path / "two" / CHECKPOINT_NAME, weights_only=True)
+    assert len(ckpt["rng"]) == 2  # one RNG state per process
