@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) demo.py
+	$(PY) train.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -3,7 +3,8 @@
 Train: horizontal flip, then either a multi-scale resize of the short side, or a resize to one
 of three sizes + a random crop + the multi-scale resize. Validation: one short-side size.
 Scales are named presets: ``full`` (the original: 480..800, max 1333, val 800), ``tiny``
-(x0.64: short side 512 at validation) and ``synthetic`` (for the embedded 192x256 set).
+(x0.64: short side 512 at validation) and ``synthetic`` (the embedded 192x256 set, seen at
+short side 128..192 in training and 160 at validation).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Scale:
 SCALES = {
     "full": Scale(tuple(range(480, 801, 32)), 1333, (400, 500, 600), (384, 600), 800),
     "tiny": Scale(tuple(range(288, 513, 32)), 853, (256, 320, 384), (240, 384), 512),
-    "synthetic": Scale(tuple(range(160, 225, 16)), 320, (160, 176, 192), (128, 192), 192),
+    "synthetic": Scale(tuple(range(128, 193, 16)), 256, (128, 144, 160), (112, 160), 160),
 }
 
 

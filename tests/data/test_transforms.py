@@ -69,10 +69,10 @@ def test_crop_drops_boxes_outside_and_keeps_sizes_in_range() -> None:
 def test_validation_resize_and_model_target() -> None:
     image, target = _scene([[10, 20, 60, 70]], height=96, width=128)
     pixels, out = build_transforms("synthetic", train=False)(image, target)
-    assert pixels.shape == (3, 192, 256) and pixels.dtype == torch.float32  # short side -> 192
-    assert out["size"].tolist() == [192, 256]
-    torch.testing.assert_close(
-        cxcywh_to_xyxy(out["boxes"]) * torch.tensor([256, 192, 256, 192]), torch.tensor([[20.0, 40, 120, 140]])
-    )
+    assert pixels.shape == (3, 160, 213) and pixels.dtype == torch.float32  # short side -> 160
+    assert out["size"].tolist() == [160, 213]
+    absolute = cxcywh_to_xyxy(out["boxes"]) * torch.tensor([213, 160, 213, 160])
+    expected = torch.tensor([[10.0, 20, 60, 70]]) * torch.tensor([213 / 128, 160 / 96, 213 / 128, 160 / 96])
+    torch.testing.assert_close(absolute, expected, atol=1e-3, rtol=0)
     assert SCALES["full"].val_size == 800 and SCALES["full"].max_size == 1333
     assert SCALES["full"].train_sizes == tuple(range(480, 801, 32))

@@ -1,6 +1,6 @@
 """Demo: build every preset, run inference, save and reload a checkpoint (no download, CPU).
 
-Run with ``make demo`` (creates .venv first) or ``python demo.py``. Weights are random
+Run with ``python examples/inference.py`` (after ``make setup``). Weights are random
 unless ``--checkpoint`` points at a trained SDETR/DETR file, so detections are meaningless
 without one; the demo shows the API, the shapes, speed and the checkpoint round trip.
 """
@@ -21,7 +21,7 @@ from sdetr.data import synthetic_image
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", help="an sdetr, original SDETR or DETR checkpoint file")
-    parser.add_argument("--output_dir", default="outputs/demo")
+    parser.add_argument("--output_dir", default="outputs/inference")
     parser.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
     args = parser.parse_args()
     torch.manual_seed(0)
