@@ -177,3 +177,13 @@ def test_two_gloo_processes_equal_one_process_with_the_combined_batch(tmp_path: 
     assert changed == len(one)
     ckpt = torch.load(tmp_path / "two" / CHECKPOINT_NAME, weights_only=True)
     assert len(ckpt["rng"]) == 2  # one RNG state per process
+
+
+def test_bf16_mixed_precision_trains(tmp_path: Path) -> None:
+    trainer = Trainer(small_config(tmp_path, epochs=1, precision="bf16"))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    entry = trainer.run()[0]
+    assert all(np.isfinite(v) for k, v in entry.items() if k.startswith("train_loss"))
+    after = trainer.model.state_dict()
+    assert after["class_embed.weight"].dtype == torch.float32  # master weights stay fp32
+    assert not torch.equal(before["class_embed.weight"], after["class_embed.weight"])
