@@ -178,7 +178,8 @@ def _heads(template: int | tuple[int, ...], layers: int, override: int | None) -
 # ---------------------------------------------------------------- reading files
 
 
-def _read(path: Path) -> Any:
+def read_checkpoint(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` (only ``argparse.Namespace`` allowed) with clear errors."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -248,7 +249,7 @@ def load_model(
     if isinstance(source, Mapping):
         name, obj = "state dict", source
     else:
-        name, obj = str(source), _read(Path(source))
+        name, obj = str(source), read_checkpoint(Path(source))
     state, args, saved_config = _split(obj, name)
     if config is None:
         if saved_config is not None and preset is None:

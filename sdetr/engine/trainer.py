@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from sdetr.build import build_model, count_parameters
-from sdetr.checkpoints import load_model, save_model
+from sdetr.checkpoints import load_model, read_checkpoint, save_model
 from sdetr.data import CocoDetection, CocoPaths, SyntheticSpec, build_transforms, collate, generate_synthetic_coco
 from sdetr.data.coco import OnBadData
 from sdetr.engine import distributed
@@ -122,7 +122,7 @@ class Trainer:
         return build_model(config.preset, **overrides).to(self.ctx.device)
 
     def _resume(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path)
         if "sdetr_format" not in state:  # an original checkpoint: weights only
             self.model.load_state_dict(load_model(path).state_dict())
             return
