@@ -21,6 +21,7 @@ from sdetr.engine.trainer import CHECKPOINT_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL_MODEL = {"hidden_dim": 32, "ffn_dim": 32, "num_queries": 6}
+LR = 5e-4
 
 
 @pytest.fixture(autouse=True)
@@ -148,7 +149,7 @@ def test_two_gloo_processes_equal_one_process_with_the_combined_batch(tmp_path: 
     _two_object_coco(tmp_path / "coco")
     common = [
         "--coco_path", str(tmp_path / "coco"), "--scale", "synthetic", "--no_augment", "--epochs", "1",
-        "--eval_every", "0", "--device", "cpu", "--seed", "5",
+        "--eval_every", "0", "--device", "cpu", "--seed", "5", "--lr", str(LR), "--lr_backbone", str(LR),
         "--set", "hidden_dim=32", "--set", "ffn_dim=32", "--set", "num_queries=6",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -170,11 +171,17 @@ def test_two_gloo_processes_equal_one_process_with_the_combined_batch(tmp_path: 
     result = subprocess.run(torchrun, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
-    changed = 0
+    # Adam's first step is -lr * g / (|g| + eps): float noise in a gradient near eps moves the
+    # update by a small fraction of lr, so parameters are compared to 1 % of lr; a wrong shard,
+    # batch or averaging direction moves them by about lr.
+    assert one.keys() == two.keys()
     for key in one:
-        torch.testing.assert_close(two[key], one[key], atol=2e-6, rtol=0, msg=key)
-        changed += 1
-    assert changed == len(one)
+        torch.testing.assert_close(two[key], one[key], atol=0.01 * LR, rtol=0, msg=key)
+    # Adam does not see a uniform gradient scale, so the losses check the normalisation: the mean
+    # of the two processes' losses equals the single process's loss on the combined batch.
+    log_one, log_two = (json.loads((tmp_path / n / "log.txt").read_text()) for n in ("one", "two"))
+    for key in ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_loss_giou_0"):
+        assert log_two[key] == pytest.approx(log_one[key], rel=1e-5), key
     ckpt = torch.load(tmp_path / "two" / CHECKPOINT_NAME, weights_only=True)
     assert len(ckpt["rng"]) == 2  # one RNG state per process
 
