@@ -6,7 +6,7 @@ Usage: ``python benchmarks/recording_memory.py`` prints the README's markdown ta
 from __future__ import annotations
 
 from sdetr import build_model, estimate_bytes
-from sdetr.instrument.recorder import Selection
+from sdetr.instrument.recorder import Selection, format_bytes
 
 ROWS: list[tuple[str, str | list[str], Selection]] = [
     ("all encoder sites, q k v a", "*.encoder.*", Selection()),
@@ -22,14 +22,6 @@ ROWS: list[tuple[str, str | list[str], Selection]] = [
 ]
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
-
-
 def main() -> None:
     sizes = [(800, 1333), (512, 683)]
     print("| preset | selection (float16, batch 1) | " + " | ".join(f"{h}x{w}" for h, w in sizes) + " |")
@@ -39,7 +31,7 @@ def main() -> None:
         for label, pattern, selection in ROWS:
             if preset == "detr" and "stage-2" in label:
                 continue
-            cells = [human(sum(estimate_bytes(model, size, 1, pattern, selection).values())) for size in sizes]
+            cells = [format_bytes(sum(estimate_bytes(model, size, 1, pattern, selection).values())) for size in sizes]
             print(f"| `{preset}` | {label} | " + " | ".join(cells) + " |")
 
 

@@ -107,7 +107,8 @@ def estimate_bytes(
     return result
 
 
-def _human(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}"
@@ -204,12 +205,13 @@ class Recorder(BaseProbe, Mapping[str, SiteGrids]):
                 continue
             estimate = sum(estimate_bytes(self.model, input_size, batch, chosen, selection or self.selection).values())
             fits = "fits" if estimate <= self.budget_bytes else "too large"
-            lines.append(f"  {label}: {_human(estimate)} ({fits})")
+            lines.append(f"  {label}: {format_bytes(estimate)} ({fits})")
         largest = max(self.estimated_bytes.items(), key=lambda item: item[1])
         return (
             f"recording {len(self.modules)} site(s) for a batch of {batch} at {input_size[0]}x{input_size[1]} "
-            f"would hold {_human(total)} (largest: {largest[0]}, {_human(largest[1])}), over the budget of "
-            f"{_human(self.budget_bytes)}. Narrow the selection or raise budget_bytes; estimates:\n" + "\n".join(lines)
+            f"would hold {format_bytes(total)} (largest: {largest[0]}, {format_bytes(largest[1])}), over the budget of "
+            f"{format_bytes(self.budget_bytes)}. Narrow the selection or raise budget_bytes; estimates:\n"
+            + "\n".join(lines)
         )
 
     def _on_stage(self, stage_index: int) -> Callable[[torch.nn.Module, tuple[Any, ...]], None]:

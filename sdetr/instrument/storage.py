@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from sdetr.atomic_files import atomic_path
 from sdetr.instrument.grids import GridGeometry, SiteGrids
 from sdetr.model.detector import Detector
 
@@ -80,17 +80,9 @@ def save_recording(recorder: Recorder, path: str | os.PathLike[str]) -> Path:
         "weights_sha256": weights_sha256(model),
         "sites": site_meta,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, tmp_name, metadata={METADATA_KEY: json.dumps(metadata)})
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)})
+    return Path(path)
 
 
 def _read_header(path: Path) -> dict[str, Any]:
