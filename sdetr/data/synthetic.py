@@ -145,6 +145,11 @@ def _write_split(root: Path, split: str, count: int, spec: SyntheticSpec, seed: 
     (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(payload))
 
 
+def synthetic_root(spec: SyntheticSpec, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder where the set for ``spec`` lives (or will live) in the cache."""
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / spec.key()
+
+
 def generate_synthetic_coco(spec: SyntheticSpec | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The folder of the synthetic set for ``spec``, generating it on first use.
 
@@ -152,8 +157,8 @@ def generate_synthetic_coco(spec: SyntheticSpec | None = None, cache_dir: str | 
     generation never leaves a half-written set behind.
     """
     spec = spec or SyntheticSpec()
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root = cache / spec.key()
+    root = synthetic_root(spec, cache_dir)
+    cache = root.parent
     if (root / "annotations" / "instances_val2017.json").is_file():
         return root
     cache.mkdir(parents=True, exist_ok=True)

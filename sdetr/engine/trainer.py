@@ -21,6 +21,7 @@ from sdetr.build import build_model, count_parameters
 from sdetr.checkpoints import load_model, read_checkpoint, save_model
 from sdetr.data import CocoDetection, CocoPaths, SyntheticSpec, build_transforms, collate, generate_synthetic_coco
 from sdetr.data.coco import OnBadData
+from sdetr.data.synthetic import synthetic_root
 from sdetr.engine import distributed
 from sdetr.engine.distributed import DistributedContext
 from sdetr.engine.evaluation import coco_stats, format_stats, to_coco_results, write_json_atomic
@@ -50,8 +51,8 @@ def prepare_data(config: TrainConfig, ctx: DistributedContext) -> Data:
         spec = SyntheticSpec(num_train=config.synthetic_train, num_val=config.synthetic_val, seed=config.synthetic_seed)
         if ctx.is_main:
             generate_synthetic_coco(spec)
-        distributed.barrier(ctx)
-        root = generate_synthetic_coco(spec)  # made by the main process: only looked up here
+        distributed.barrier(ctx)  # the others wait for the main process, then read its folder
+        root = synthetic_root(spec)
         scale = config.scale or "synthetic"
     else:
         root, scale = Path(config.coco_path), config.scale or "full"

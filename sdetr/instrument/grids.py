@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
+from sdetr.model.images import valid_extent
+
 
 def feature_size(height: int, width: int, stride: int) -> tuple[int, int]:
     """Grid size of a ResNet level: every stride-2 step maps n -> ceil(n / 2)."""
@@ -140,7 +142,4 @@ class SiteGrids:
 
 def grid_cells(mask: Tensor) -> tuple[tuple[int, int], ...]:
     """Per image, ``(rows, cols)`` of not-padded cells of a ``[B, H, W]`` mask."""
-    not_mask = ~mask
-    rows = not_mask.any(dim=2).sum(dim=1)
-    cols = not_mask.any(dim=1).sum(dim=1)
-    return tuple((int(r), int(c)) for r, c in zip(rows, cols, strict=True))
+    return tuple((int(rows), int(cols)) for rows, cols in valid_extent(mask).tolist())

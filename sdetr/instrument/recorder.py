@@ -172,8 +172,7 @@ class Recorder(BaseProbe, Mapping[str, SiteGrids]):
     def _on_backbone(self, _module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         images, mask = args[0], args[1]  # [B, 3, H, W], [B, H, W]
         input_size = (int(images.shape[-2]), int(images.shape[-1]))
-        valid = ~mask
-        valid_sizes = tuple((int(h), int(w)) for h, w in zip(valid.any(2).sum(1), valid.any(1).sum(1), strict=True))
+        valid_sizes = grid_cells(mask)  # pixels: the input mask is the stride-1 grid
         if self.image_sizes is not None and len(self.image_sizes) != len(valid_sizes):
             raise ValueError(f"image_sizes has {len(self.image_sizes)} entries for a batch of {len(valid_sizes)}")
         self._batch = (input_size, valid_sizes)

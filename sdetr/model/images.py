@@ -35,10 +35,7 @@ class ImageBatch:
     @property
     def valid_sizes(self) -> Tensor:
         """``[B, 2]`` (height, width) of each image's unpadded region."""
-        not_mask = ~self.mask
-        heights = not_mask.any(dim=2).sum(dim=1)
-        widths = not_mask.any(dim=1).sum(dim=1)
-        return torch.stack((heights, widths), dim=1)
+        return valid_extent(self.mask)
 
     @classmethod
     def from_input(cls, images: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> ImageBatch:
@@ -86,6 +83,12 @@ class ImageBatch:
             tensors[index, :, : image.shape[1], : image.shape[2]] = image
             padded[index, : image.shape[1], : image.shape[2]] = False
         return cls(tensors, padded)
+
+
+def valid_extent(mask: Tensor) -> Tensor:
+    """``[B, H, W]`` pad mask (True = padded) -> ``[B, 2]`` rows and columns not padded."""
+    not_mask = ~mask
+    return torch.stack((not_mask.any(dim=2).sum(dim=1), not_mask.any(dim=1).sum(dim=1)), dim=1)
 
 
 def _check_image(image: Tensor, name: str) -> None:
