@@ -6,12 +6,12 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
 from sdetr.model.boxes import cxcywh_to_xyxy
+from sdetr.model.encoder_loss import encoder_losses, mean_over_processes
 from sdetr.model.matcher import HungarianMatcher, Target
 
 #: Weight of each loss in the total (auxiliary outputs use the same, with suffix ``_{i}``).
@@ -20,9 +20,15 @@ DEFAULT_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 
 @dataclass
 class CriterionConfig:
-    """Loss weights and the no-object class weight."""
+    """Loss weights, the no-object class weight and the weight of the dense encoder losses.
+
+    ``encoder_weight`` > 0 adds :mod:`sdetr.model.encoder_loss` for every stage (keys
+    ``loss_ce_enc1`` ...), each scaled by its base weight times ``encoder_weight``; the model must
+    then be called with ``encoder_outputs=True``. 0 (the default) is the original criterion.
+    """
 
     eos_coef: float = 0.1
+    encoder_weight: float = 0.0
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     matcher: HungarianMatcher = field(default_factory=HungarianMatcher)
 
@@ -47,10 +53,7 @@ class SetCriterion(nn.Module):
     def num_boxes(self, targets: list[Target], device: torch.device) -> float:
         """Target boxes per process averaged over processes, at least 1."""
         count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(count)
-            count = count / dist.get_world_size()
-        return max(count.item(), 1.0)
+        return max(mean_over_processes(count).item(), 1.0)
 
     def single_output_losses(self, outputs: dict, targets: list[Target], num_boxes: float) -> dict[str, Tensor]:
         """Losses of one decoder output (``pred_logits [B, Q, C+1]``, ``pred_boxes [B, Q, 4]``)."""
@@ -90,8 +93,12 @@ class SetCriterion(nn.Module):
         }
 
     def loss_weight(self, key: str) -> float | None:
-        """Weight of a loss key (``loss_giou_3`` -> weight of ``loss_giou``); None for metrics."""
-        return self.config.weights.get(re.sub(r"_\d+$", "", key))
+        """Weight of a loss key (``loss_giou_3`` -> weight of ``loss_giou``, ``loss_ce_enc2`` ->
+        weight of ``loss_ce`` times ``encoder_weight``); None for metrics."""
+        weight = self.config.weights.get(re.sub(r"_(enc)?\d+$", "", key))
+        if weight is not None and re.search(r"_enc\d+$", key):
+            weight *= self.config.encoder_weight
+        return weight
 
     def forward(self, outputs: dict, targets: list[Target]) -> dict[str, Tensor]:
         num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
@@ -99,6 +106,16 @@ class SetCriterion(nn.Module):
         for index, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_losses = self.single_output_losses(aux, targets, num_boxes)
             losses.update({f"{k}_{index}": v for k, v in aux_losses.items() if k in self.config.weights})
+        if self.config.encoder_weight > 0:
+            dense_outputs = outputs.get("encoder_outputs")
+            if dense_outputs is None:
+                raise ValueError(
+                    "CriterionConfig.encoder_weight > 0 needs the encoders' dense predictions: "
+                    "call the model with encoder_outputs=True"
+                )
+            for stage, dense in enumerate(dense_outputs, start=1):
+                stage_losses = encoder_losses(dense, targets, self.num_classes, self.empty_weight)
+                losses.update({f"{k}_enc{stage}": v for k, v in stage_losses.items()})
         weighted = [value * w for key, value in losses.items() if (w := self.loss_weight(key)) is not None]
         losses["total"] = torch.stack(weighted).sum()
         return losses

@@ -72,12 +72,13 @@ class Stage(nn.Module):
                 if parameter.dim() > 1:
                     nn.init.xavier_uniform_(parameter)
 
-    def forward(self, features: Tensor, mask: Tensor, tgt: Tensor | None) -> Tensor:
+    def forward(self, features: Tensor, mask: Tensor, tgt: Tensor | None) -> tuple[Tensor, Tensor]:
         """Args:
             features: ``[B, C, H, W]`` backbone level; mask: ``[B, H, W]`` True = padded.
             tgt: ``[B, Q, E]`` decoder start (previous stage's output), or None for zeros.
         Returns:
-            the normed output of every decoder layer, ``[L, B, Q, E]``.
+            the normed output of every decoder layer, ``[L, B, Q, E]``, and the encoder's
+            output (the memory), ``[B, HW, E]``.
         """
         pos = self.position(mask).to(features.dtype).flatten(2).transpose(1, 2)  # [B, HW, E]
         x = self.input_proj(features).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, E]
@@ -86,7 +87,7 @@ class Stage(nn.Module):
         query_pos = self.query_embed.weight[None].expand(x.shape[0], -1, -1)  # [B, Q, E]
         if tgt is None:
             tgt = torch.zeros_like(query_pos)
-        return self.decoder(tgt, query_pos, memory, pos, flat_mask)  # type: ignore[no-any-return]
+        return self.decoder(tgt, query_pos, memory, pos, flat_mask), memory
 
 
 class Detector(nn.Module):
@@ -125,31 +126,50 @@ class Detector(nn.Module):
                 sites[f"stage{index}.decoder.{i}.cross_attn"] = cast(DecoderLayer, dec).cross_attn
         return sites
 
-    def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> dict:
+    def forward(
+        self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None, encoder_outputs: bool = False
+    ) -> dict:
         """Args:
             images: ``[B, 3, H, W]`` normalised images, or a list of ``[3, H_i, W_i]`` ones.
             mask: optional ``[B, H, W]`` bool pad mask (True = padded) for a tensor input.
+            encoder_outputs: also apply the shared heads to every cell of each stage's encoder
+                output (for :mod:`sdetr.model.encoder_loss`; training only).
         Returns:
             ``pred_logits [B, Q, num_classes + 1]``, ``pred_boxes [B, Q, 4]`` (cx, cy, w, h in
             [0, 1] of the unpadded image) and ``aux_outputs``, the earlier decoder layers'
-            predictions (a list of dicts with the same two keys).
+            predictions (a list of dicts with the same two keys). With ``encoder_outputs``,
+            ``encoder_outputs`` too: per stage ``pred_logits [B, h, w, num_classes + 1]``,
+            ``pred_boxes [B, h, w, 4]`` and the cells' pad ``mask [B, h, w]``.
         """
         batch = ImageBatch.from_input(images, mask)
         features = self.backbone(batch.tensors, batch.mask)
         tgt: Tensor | None = None
         decoded = []
+        dense: list[Prediction] = []
         for stage in self.stages:
             level_features, level_mask = features[stage.feature]
-            hs = stage(level_features, level_mask, tgt if stage.from_previous else None)  # [L, B, Q, E]
+            hs, memory = stage(level_features, level_mask, tgt if stage.from_previous else None)  # [L, B, Q, E]
             tgt = hs[-1]
             decoded.append(hs)
+            if encoder_outputs:
+                cells = memory.unflatten(1, level_mask.shape[1:])  # [B, HW, E] -> [B, h, w, E]
+                dense.append(
+                    {
+                        "pred_logits": self.class_embed(cells),
+                        "pred_boxes": self.bbox_embed(cells).sigmoid(),
+                        "mask": level_mask,
+                    }
+                )
         hs = torch.cat(decoded)  # [total decoder layers, B, Q, E]
         logits = self.class_embed(hs)  # [L, B, Q, C + 1]
         boxes = self.bbox_embed(hs).sigmoid()  # [L, B, Q, 4]
-        return {
+        outputs = {
             "pred_logits": logits[-1],
             "pred_boxes": boxes[-1],
             "aux_outputs": [
                 {"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=True)
             ],
         }
+        if encoder_outputs:
+            outputs["encoder_outputs"] = dense
+        return outputs

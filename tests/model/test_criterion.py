@@ -59,3 +59,37 @@ def test_gradients_flow_to_boxes_and_logits() -> None:
     SetCriterion(num_classes=1)(outputs, TARGET)["total"].backward()
     assert outputs["pred_boxes"].grad is not None and outputs["pred_boxes"].grad[0, 0].abs().sum() > 0
     assert outputs["pred_boxes"].grad[0, 1].abs().sum() == 0  # unmatched query: no box loss
+
+
+def _dense_output() -> dict:
+    mask = torch.zeros(1, 1, 2, dtype=torch.bool)  # 1x2 grid; the target covers the left cell's centre
+    logits = torch.tensor([[[[2.0, 0.0], [0.0, 1.0]]]])  # [1, 1, 2, C + 1]
+    boxes = torch.tensor([[[[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.5, 0.5]]]])
+    return {"pred_logits": logits, "pred_boxes": boxes, "mask": mask}
+
+
+def test_encoder_losses_are_added_with_their_weight() -> None:
+    from sdetr.model.criterion import CriterionConfig
+
+    target = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.25, 0.5, 0.4, 0.2]])}]
+    outputs = _tiny_outputs()
+    base = SetCriterion(num_classes=1)(outputs, target)
+    assert not any("_enc" in key for key in base)
+    outputs["encoder_outputs"] = [_dense_output(), _dense_output()]
+    losses = SetCriterion(1, CriterionConfig(encoder_weight=2.0))(outputs, target)
+    # left cell: class 0 with logits (2, 0); right cell: no-object (weight 0.1) with logits (0, 1)
+    ce = (math.log(1 + math.exp(-2)) + 0.1 * math.log(1 + math.exp(-1))) / 1.1
+    l1 = abs(0.5 - 0.25) + abs(0.2 - 0.4)  # the left cell's box against (0.25, 0.5, 0.4, 0.2)
+    for stage in (1, 2):
+        assert losses[f"loss_ce_enc{stage}"].item() == pytest.approx(ce, abs=1e-6)
+        assert losses[f"loss_bbox_enc{stage}"].item() == pytest.approx(l1, abs=1e-6)
+    giou = losses["loss_giou_enc1"].item()
+    dense_total = 2 * 2.0 * (ce + 5 * l1 + 2 * giou)  # two stages, encoder_weight 2
+    assert losses["total"].item() == pytest.approx(base["total"].item() + dense_total, abs=1e-5)
+
+
+def test_encoder_weight_without_dense_outputs_is_a_clear_error() -> None:
+    from sdetr.model.criterion import CriterionConfig
+
+    with pytest.raises(ValueError, match="encoder_outputs=True"):
+        SetCriterion(1, CriterionConfig(encoder_weight=1.0))(_tiny_outputs(), TARGET)

@@ -7,6 +7,7 @@ import torch
 
 from sdetr import PRESETS, build_model, count_parameters, postprocess
 from sdetr.model.detector import Stage
+from sdetr.model.images import ImageBatch
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,26 @@ def test_config_overrides_reach_the_modules() -> None:
         assert model.eval()(torch.randn(1, 3, 64, 64))["pred_boxes"].shape == (1, 7, 4)
 
 
+def test_encoder_outputs_are_the_shared_heads_on_every_cell() -> None:
+    model = build_model("sdetr-tiny", num_classes=5).eval()
+    images = [torch.rand(3, 96, 128), torch.rand(3, 64, 96)]
+    with torch.no_grad():
+        plain = model(images)
+        out = model(images, encoder_outputs=True)
+        torch.testing.assert_close(out["pred_boxes"], plain["pred_boxes"], atol=0, rtol=0)
+        assert "encoder_outputs" not in plain and len(out["encoder_outputs"]) == 2
+        batch_input = ImageBatch.from_input(images)
+        features = model.backbone(batch_input.tensors, batch_input.mask)
+        for stage, dense in zip(model.stages, out["encoder_outputs"], strict=True):
+            level, mask = features[stage.feature]
+            _, memory = stage(level, mask, None)  # [B, h*w, E]; the encoder does not depend on tgt
+            batch, height, width = mask.shape
+            assert torch.equal(dense["mask"], mask)
+            assert dense["pred_logits"].shape == (batch, height, width, 6)
+            torch.testing.assert_close(dense["pred_logits"].flatten(1, 2), model.class_embed(memory))
+            torch.testing.assert_close(dense["pred_boxes"].flatten(1, 2), model.bbox_embed(memory).sigmoid())
+
+
 def test_stage_ignores_features_under_the_mask() -> None:
     """Padded cells never change a stage's output: they are masked as attention keys."""
     model = build_model("sdetr-tiny").eval()
@@ -64,8 +85,8 @@ def test_stage_ignores_features_under_the_mask() -> None:
     changed[..., 4:] = torch.randn(1, 512, 4, 2) * 100
     changed[..., 3:, :] = -50
     with torch.no_grad():
-        torch.testing.assert_close(stage(features, mask, None), stage(changed, mask, None), atol=1e-5, rtol=0)
-        assert not torch.allclose(stage(features, mask, None), stage(changed, ~mask & False, None), atol=1e-3)
+        torch.testing.assert_close(stage(features, mask, None)[0], stage(changed, mask, None)[0], atol=1e-5, rtol=0)
+        assert not torch.allclose(stage(features, mask, None)[0], stage(changed, ~mask & False, None)[0], atol=1e-3)
 
 
 def test_batching_with_padding_is_per_image(tiny) -> None:  # type: ignore[no-untyped-def]
