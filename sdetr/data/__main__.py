@@ -16,10 +16,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_val", type=int, default=defaults.num_val)
     parser.add_argument("--max_objects", type=int, default=defaults.max_objects)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--any_colour",
+        action="store_true",
+        help="fill shapes with any colour instead of their class's hue band (harder: class only from outline)",
+    )
     parser.add_argument("--cache_dir", default=None, help="default: $SDETR_CACHE or ~/.cache/sdetr")
     args = parser.parse_args(argv)
     spec = SyntheticSpec(
-        args.height, args.width, args.num_train, args.num_val, args.max_objects, defaults.min_side, args.seed
+        args.height,
+        args.width,
+        args.num_train,
+        args.num_val,
+        args.max_objects,
+        defaults.min_side,
+        args.seed,
+        class_hues=not args.any_colour,
     )
     print(generate_synthetic_coco(spec, args.cache_dir))
 

@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import colorsys
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sdetr.data import SyntheticSpec, generate_synthetic_coco, load_coco, synthetic_image
 from sdetr.data.__main__ import main as generate_command
+from sdetr.data.synthetic import CLASS_HUES, CLASSES, HUE_SPREAD, fill_colour
 
 
 def test_synthetic_image_deterministic_and_in_range() -> None:
@@ -56,3 +60,23 @@ def test_generator_command(tmp_path: Path, capsys) -> None:  # type: ignore[no-u
     )
     root = Path(capsys.readouterr().out.strip())
     assert load_coco(root / "annotations" / "instances_val2017.json").imgs[1]["width"] == 128
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31), kind=st.integers(0, len(CLASSES) - 1))
+def test_class_hues_put_each_class_in_its_own_hue_band(seed: int, kind: int) -> None:
+    red, green, blue = fill_colour(np.random.default_rng(seed), kind, class_hues=True)
+    hue, saturation, value = colorsys.rgb_to_hsv(red / 255, green / 255, blue / 255)
+    distance = abs((hue - CLASS_HUES[kind] + 0.5) % 1.0 - 0.5)  # on the hue circle
+    assert distance <= HUE_SPREAD + 0.01 and saturation >= 0.69 and value >= 0.69
+    others = [abs((hue - CLASS_HUES[k] + 0.5) % 1.0 - 0.5) for k in range(len(CLASSES)) if k != kind]
+    assert min(others) > distance  # nearer its own band than any other class's
+
+
+def test_any_colour_is_a_different_set(tmp_path: Path) -> None:
+    hues = SyntheticSpec(num_train=4, num_val=2)
+    any_colour = SyntheticSpec(num_train=4, num_val=2, class_hues=False)
+    assert hues.key() != any_colour.key()
+    first = generate_synthetic_coco(hues, tmp_path) / "train2017" / "000000.png"
+    second = generate_synthetic_coco(any_colour, tmp_path) / "train2017" / "000000.png"
+    assert first.read_bytes() != second.read_bytes()
