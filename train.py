@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr_backbone", type=float)
     p.add_argument("--weight_decay", type=float)
     p.add_argument("--clip_max_norm", type=float)
+    p.add_argument(
+        "--encoder_loss",
+        type=float,
+        help="weight of the dense encoder losses (0: the original criterion; default 3.0 for the quickstart)",
+    )
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--output_dir")
     p.add_argument("--resume", help="checkpoint to continue from (or to evaluate with --eval)")
@@ -72,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic_seed", type=int)
     p.add_argument("--synthetic_train", type=int, help="images in the synthetic train split")
     p.add_argument("--synthetic_val", type=int, help="images in the synthetic val split")
+    p.add_argument(
+        "--synthetic_any_colour",
+        dest="synthetic_class_hues",
+        action="store_false",
+        default=None,
+        help="synthetic shapes in any colour, not their class's hue band (harder)",
+    )
     p.add_argument("--probe_sites", help="record these attention sites on a fixed val batch (glob)")
     p.add_argument("--probe_every", type=int, help="epochs between probe recordings")
     p.add_argument("--probe_images", type=int)

@@ -22,6 +22,13 @@ def test_original_recipe_and_explicit_flags_win() -> None:
         4,
     )
     assert config.epochs == 3 and config.scale == "full" and config.coco_path == "/data/coco"
+    assert config.encoder_loss == 0.0  # the original criterion: no dense encoder losses
+
+
+def test_quickstart_training_aids_can_be_switched_off() -> None:
+    assert config_from_args([]).encoder_loss > 0 and config_from_args([]).synthetic_class_hues
+    config = config_from_args(["--encoder_loss", "0", "--synthetic_any_colour"])
+    assert config.encoder_loss == 0.0 and config.synthetic_class_hues is False
 
 
 def test_overrides_are_parsed_as_literals() -> None:

@@ -27,7 +27,7 @@ from sdetr.engine.distributed import DistributedContext
 from sdetr.engine.evaluation import coco_stats, format_stats, to_coco_results, write_json_atomic
 from sdetr.engine.options import TrainConfig
 from sdetr.instrument import record
-from sdetr.model.criterion import SetCriterion
+from sdetr.model.criterion import CriterionConfig, SetCriterion
 from sdetr.model.detector import Detector
 from sdetr.model.postprocess import postprocess
 
@@ -48,7 +48,12 @@ class Data:
 def prepare_data(config: TrainConfig, ctx: DistributedContext) -> Data:
     """The COCO folder at ``coco_path``, or the synthetic set (made by the main process first)."""
     if config.coco_path is None:
-        spec = SyntheticSpec(num_train=config.synthetic_train, num_val=config.synthetic_val, seed=config.synthetic_seed)
+        spec = SyntheticSpec(
+            num_train=config.synthetic_train,
+            num_val=config.synthetic_val,
+            seed=config.synthetic_seed,
+            class_hues=config.synthetic_class_hues,
+        )
         if ctx.is_main:
             generate_synthetic_coco(spec)
         distributed.barrier(ctx)  # the others wait for the main process, then read its folder
@@ -95,7 +100,9 @@ class Trainer:
         self.start_epoch = 0
         self.model = self._build_model(num_classes)
         self.n_parameters = count_parameters(self.model)
-        self.criterion = SetCriterion(self.model.config.num_classes).to(self.ctx.device)
+        self.criterion = SetCriterion(
+            self.model.config.num_classes, CriterionConfig(encoder_weight=config.encoder_loss)
+        ).to(self.ctx.device)
         backbone = [p for n, p in self.model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -152,6 +159,12 @@ class Trainer:
             drop_last=train,
         )
 
+    def _forward(self, images: list[Tensor]) -> dict[str, Any]:
+        """The model's outputs in float32 (with the encoders' dense predictions when the criterion uses them)."""
+        with self._autocast():
+            outputs = self.ddp(images, encoder_outputs=self.criterion.config.encoder_weight > 0)
+        return _float_outputs(outputs)
+
     def _autocast(self) -> Any:
         precision = self.config.precision
         if precision == "fp32":
@@ -169,9 +182,7 @@ class Trainer:
         for images, targets in bar:
             images = [image.to(self.ctx.device) for image in images]
             targets = _targets_to(targets, self.ctx.device)
-            with self._autocast():
-                outputs = self.ddp(images)
-            losses = self.criterion(_float_outputs(outputs), targets)
+            losses = self.criterion(self._forward(images), targets)
             logged = distributed.mean_over_processes({k: float(v.detach()) for k, v in losses.items()}, self.ctx)
             if not math.isfinite(logged["total"]):
                 bad = {k: v for k, v in logged.items() if not math.isfinite(v)}
@@ -207,8 +218,7 @@ class Trainer:
         for images, targets in tqdm(loader, desc="evaluate", disable=not self.ctx.is_main, leave=False):
             images = [image.to(self.ctx.device) for image in images]
             targets = _targets_to(targets, self.ctx.device)
-            with self._autocast():
-                outputs = _float_outputs(self.ddp(images))
+            outputs = self._forward(images)
             for key, value in self.criterion(outputs, targets).items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             steps += 1
@@ -297,8 +307,10 @@ def _float_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
     """Losses and post-processing in float32, whatever the autocast precision."""
 
     def cast(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.float() for k, v in d.items() if isinstance(v, Tensor)}
+        return {k: v.float() if v.is_floating_point() else v for k, v in d.items() if isinstance(v, Tensor)}
 
     out = cast(outputs)
-    out["aux_outputs"] = [cast(aux) for aux in outputs.get("aux_outputs", [])]
+    for key in ("aux_outputs", "encoder_outputs"):
+        if key in outputs:
+            out[key] = [cast(part) for part in outputs[key]]
     return out

@@ -172,15 +172,20 @@ def test_two_gloo_processes_equal_one_process_with_the_combined_batch(tmp_path: 
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
     # Adam's first step is -lr * g / (|g| + eps): float noise in a gradient near eps moves the
-    # update by a small fraction of lr, so parameters are compared to 1 % of lr; a wrong shard,
-    # batch or averaging direction moves them by about lr.
+    # update by a fraction of lr. Measured: one process with 1 vs 2 threads already differs by
+    # 4 % of lr in backbone.body.conv1.weight (with the dense encoder losses on; < 0.3 % elsewhere),
+    # so parameters are compared to 10 % of lr; a wrong shard, batch or averaging direction moves
+    # them by about lr.
     assert one.keys() == two.keys()
     for key in one:
-        torch.testing.assert_close(two[key], one[key], atol=0.01 * LR, rtol=0, msg=key)
+        torch.testing.assert_close(two[key], one[key], atol=0.1 * LR, rtol=0, msg=key)
     # Adam does not see a uniform gradient scale, so the losses check the normalisation: the mean
     # of the two processes' losses equals the single process's loss on the combined batch.
     log_one, log_two = (json.loads((tmp_path / n / "log.txt").read_text()) for n in ("one", "two"))
-    for key in ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_loss_giou_0"):
+    for key in (
+        "train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_loss_giou_0",
+        "train_loss_ce_enc1", "train_loss_bbox_enc2", "train_loss_giou_enc2",
+    ):  # fmt: skip
         assert log_two[key] == pytest.approx(log_one[key], rel=1e-5), key
     ckpt = torch.load(tmp_path / "two" / CHECKPOINT_NAME, weights_only=True)
     assert len(ckpt["rng"]) == 2  # one RNG state per process
