@@ -24,6 +24,7 @@ from sdetr.instrument import (
     sites,
 )
 from sdetr.model import (
+    CriterionConfig,
     Detector,
     HungarianMatcher,
     ImageBatch,
@@ -48,6 +49,7 @@ __all__ = [
     "record",
     "sites",
     "CheckpointError",
+    "CriterionConfig",
     "Detector",
     "HungarianMatcher",
     "ImageBatch",

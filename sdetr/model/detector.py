@@ -148,7 +148,8 @@ class Detector(nn.Module):
         dense: list[Prediction] = []
         for stage in self.stages:
             level_features, level_mask = features[stage.feature]
-            hs, memory = stage(level_features, level_mask, tgt if stage.from_previous else None)  # [L, B, Q, E]
+            # hs [L, B, Q, E]: every decoder layer's output; memory [B, HW, E]: the encoder's output
+            hs, memory = stage(level_features, level_mask, tgt if stage.from_previous else None)
             tgt = hs[-1]
             decoded.append(hs)
             if encoder_outputs:
