@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
 from sdetr.model.boxes import cxcywh_to_xyxy
-from sdetr.model.encoder_loss import encoder_losses, mean_over_processes
+from sdetr.model.encoder_loss import encoder_losses, global_mean
 from sdetr.model.matcher import HungarianMatcher, Target
 
 #: Weight of each loss in the total (auxiliary outputs use the same, with suffix ``_{i}``).
@@ -53,7 +53,7 @@ class SetCriterion(nn.Module):
     def num_boxes(self, targets: list[Target], device: torch.device) -> float:
         """Target boxes per process averaged over processes, at least 1."""
         count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-        return max(mean_over_processes(count).item(), 1.0)
+        return max(global_mean(count).item(), 1.0)
 
     def single_output_losses(self, outputs: dict, targets: list[Target], num_boxes: float) -> dict[str, Tensor]:
         """Losses of one decoder output (``pred_logits [B, Q, C+1]``, ``pred_boxes [B, Q, 4]``)."""

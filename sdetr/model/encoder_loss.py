@@ -31,9 +31,10 @@ from sdetr.model.matcher import Target
 IGNORE = -1
 
 
-def mean_over_processes(value: Tensor) -> Tensor:
+def global_mean(value: Tensor) -> Tensor:
     """``value`` averaged over the processes of the default group (itself without one).
 
+    For tensors inside the loss (logged floats are averaged by ``sdetr.engine.distributed``).
     Loss normalisers are averaged like this so that, with gradients averaged by DDP, P processes
     give the same loss and gradients as one process on the combined batch.
     """
@@ -100,10 +101,10 @@ def encoder_losses(
     flat_labels = labels.flatten()  # [B*h*w]
     valid = flat_labels != IGNORE
     ce_sum = F.cross_entropy(logits.flatten(0, 2), flat_labels, empty_weight, ignore_index=IGNORE, reduction="sum")
-    weight_sum = mean_over_processes(empty_weight[flat_labels[valid]].sum())
+    weight_sum = global_mean(empty_weight[flat_labels[valid]].sum())
     loss_ce = ce_sum / weight_sum.clamp(min=1e-6)
     positive = (labels >= 0) & (labels < num_classes)  # [B, h, w]
-    count = mean_over_processes(positive.sum().float()).clamp(min=1.0)
+    count = global_mean(positive.sum().float()).clamp(min=1.0)
     predicted, wanted = output["pred_boxes"][positive], boxes[positive]  # [P, 4]
     loss_bbox = F.l1_loss(predicted, wanted, reduction="sum") / count
     loss_giou = generalized_box_iou_loss(cxcywh_to_xyxy(predicted), cxcywh_to_xyxy(wanted), reduction="sum") / count
