@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from sdetr.instrument.grids import SiteGrids
+from sdetr import SiteGrids
 
 
 def principal_component(grid: Tensor) -> Tensor:

@@ -10,18 +10,36 @@ Public API::
 from sdetr.build import build_model, count_parameters
 from sdetr.checkpoints import CheckpointError, load_model, save_model, to_original_state_dict
 from sdetr.config import PRESETS, ModelConfig, StageConfig, get_config
+from sdetr.data import (
+    BadDataError,
+    CocoDetection,
+    CocoPaths,
+    SyntheticSpec,
+    build_transforms,
+    collate,
+    generate_synthetic_coco,
+    load_coco,
+    synthetic_image,
+    synthetic_root,
+)
+from sdetr.engine import STAT_NAMES, TrainConfig, Trainer, coco_stats, to_coco_results
 from sdetr.instrument import (
     GridGeometry,
     Recording,
     RecordingBudgetError,
     RecordingError,
+    Selection,
     SiteGrids,
+    SiteInfo,
     estimate_bytes,
+    format_bytes,
     gate_heads,
     load_recording,
     patch_attention,
     record,
+    save_recording,
     sites,
+    weights_sha256,
 )
 from sdetr.model import (
     CriterionConfig,
@@ -36,18 +54,42 @@ from sdetr.model import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # data
+    "BadDataError",
+    "CocoDetection",
+    "CocoPaths",
+    "SyntheticSpec",
+    "build_transforms",
+    "collate",
+    "generate_synthetic_coco",
+    "load_coco",
+    "synthetic_image",
+    "synthetic_root",
+    # training and COCO evaluation
+    "STAT_NAMES",
+    "TrainConfig",
+    "Trainer",
+    "coco_stats",
+    "to_coco_results",
+    # instrumentation
     "PRESETS",
     "GridGeometry",
     "Recording",
     "RecordingBudgetError",
     "RecordingError",
+    "Selection",
     "SiteGrids",
+    "SiteInfo",
     "estimate_bytes",
+    "format_bytes",
     "gate_heads",
     "load_recording",
     "patch_attention",
     "record",
+    "save_recording",
     "sites",
+    "weights_sha256",
+    # models and checkpoints
     "CheckpointError",
     "CriterionConfig",
     "Detector",

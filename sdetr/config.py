@@ -183,12 +183,22 @@ def _sdetr_tiny() -> ModelConfig:
     )
 
 
+def _sdetr_tiny_multihead() -> ModelConfig:
+    """``sdetr-tiny`` with as many heads in the stage-2 encoder as its stage-1 encoder (the study's ablation)."""
+    base = _sdetr_tiny()
+    return base.replace(
+        name="sdetr-tiny-multihead",
+        stages=(base.stages[0], dataclasses.replace(base.stages[1], encoder_heads=base.stages[0].encoder_heads)),
+    )
+
+
 #: Registry of named presets: name -> function returning a fresh config.
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "sdetr": _sdetr,
     "detr": _detr,
     "sdetr-multihead": _sdetr_multihead,
     "sdetr-tiny": _sdetr_tiny,
+    "sdetr-tiny-multihead": _sdetr_tiny_multihead,
 }
 
 

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+os.environ.setdefault("MPLBACKEND", "Agg")  # tests draw off-screen; the library never sets a backend
 
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """Data: COCO detection (pycocotools), DETR transforms, the embedded synthetic set."""
 
 from sdetr.data.coco import BadDataError, CocoDetection, CocoPaths, collate, load_coco
-from sdetr.data.synthetic import SyntheticSpec, generate_synthetic_coco, synthetic_image
+from sdetr.data.synthetic import SyntheticSpec, generate_synthetic_coco, synthetic_image, synthetic_root
 from sdetr.data.transforms import SCALES, Scale, build_transforms
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "generate_synthetic_coco",
     "load_coco",
     "synthetic_image",
+    "synthetic_root",
 ]

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from sdetr.instrument.catalog import SitePattern, select_sites
 from sdetr.instrument.probes import BaseProbe, attached
-from sdetr.instrument.sites import SitePattern, select_sites
 from sdetr.model.attention import Attention
 from sdetr.model.detector import Detector
 
@@ -17,7 +17,12 @@ AttentionPatch = Tensor | Callable[[Tensor], Tensor]
 
 
 class HeadGates(BaseProbe):
-    """Scales each head's output (before ``out_proj``) by ``gates[site][head]``."""
+    """Scales each head's output (before ``out_proj``) by ``gates[site][head]``.
+
+    Needs only the per-head outputs, so gated sites keep the fused attention path.
+    """
+
+    needs_weights = False
 
     def __init__(self, gates: Mapping[str, Tensor]) -> None:
         self.gates = gates

@@ -11,7 +11,13 @@ from sdetr.model.attention import Attention, AttentionProbe
 
 
 class BaseProbe:
-    """A probe that changes nothing; subclasses override one of the two methods."""
+    """A probe that changes nothing; subclasses override one of the two methods.
+
+    ``needs_weights`` (True here) makes the site materialise the map A; a probe that only
+    overrides ``on_heads`` sets it False so the site stays on the fused path.
+    """
+
+    needs_weights: bool = True
 
     def on_weights(self, site: Attention, q: Tensor, k: Tensor, v: Tensor, a: Tensor) -> Tensor:
         return a

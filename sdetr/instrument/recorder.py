@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdetr.instrument.catalog import SiteInfo, SitePattern, select_sites
+from sdetr.instrument.catalog import sites as list_sites
 from sdetr.instrument.grids import GridGeometry, SiteGrids, feature_size, grid_cells
 from sdetr.instrument.probes import BaseProbe, attached
-from sdetr.instrument.sites import SiteInfo, SitePattern, select_sites, sites
+from sdetr.instrument.storage import save_recording
 from sdetr.model.attention import Attention
 from sdetr.model.detector import Detector
 
@@ -92,14 +94,17 @@ def estimate_bytes(
     model: Detector,
     input_size: tuple[int, int],
     batch: int = 1,
-    sites_pattern: SitePattern | None = None,
+    sites: SitePattern | None = None,
     selection: Selection | None = None,
 ) -> dict[str, int]:
-    """Bytes a recording would hold, per site, for a ``batch`` of padded ``input_size`` images."""
+    """Bytes a recording would hold, per site, for a ``batch`` of padded ``input_size`` images.
+
+    ``sites`` is a glob or list of globs over site names, as in :func:`record` and ``gate_heads``.
+    """
     selection = selection or Selection()
-    chosen = select_sites(model, sites_pattern)
+    chosen = select_sites(model, sites)
     result = {}
-    for info in sites(model):
+    for info in list_sites(model):
         if info.name in chosen:
             stride = model.stages[info.stage - 1].stride
             grid = feature_size(*input_size, stride)
@@ -126,7 +131,7 @@ class Recorder(BaseProbe, Mapping[str, SiteGrids]):
     def __init__(
         self,
         model: Detector,
-        sites_pattern: SitePattern | None,
+        sites: SitePattern | None,
         selection: Selection,
         budget_bytes: float,
         callback: SiteCallback | None,
@@ -135,9 +140,9 @@ class Recorder(BaseProbe, Mapping[str, SiteGrids]):
         image_sizes: Sequence[tuple[int, int]] | None,
     ) -> None:
         self.model = model
-        self.sites_pattern = sites_pattern
-        self.modules = select_sites(model, sites_pattern)
-        self.infos = {info.name: info for info in sites(model) if info.name in self.modules}
+        self.sites = sites
+        self.modules = select_sites(model, sites)
+        self.infos = {info.name: info for info in list_sites(model) if info.name in self.modules}
         self.selection = selection
         self.budget_bytes = budget_bytes
         self.callback = callback
@@ -317,9 +322,7 @@ class Recorder(BaseProbe, Mapping[str, SiteGrids]):
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the kept grids to ``path`` (see :mod:`sdetr.instrument.storage`)."""
-        from sdetr.instrument.storage import save_recording
-
-        return save_recording(self, path)
+        return save_recording(self.model, self, path)
 
 
 def record(

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -29,9 +29,6 @@ from torch import Tensor
 from sdetr.atomic_files import atomic_path
 from sdetr.instrument.grids import GridGeometry, SiteGrids
 from sdetr.model.detector import Detector
-
-if TYPE_CHECKING:
-    from sdetr.instrument.recorder import Recorder
 
 METADATA_KEY = "sdetr_recording"
 FORMAT_VERSION = 1
@@ -50,12 +47,12 @@ def weights_sha256(model: Detector) -> str:
     return digest.hexdigest()
 
 
-def save_recording(recorder: Recorder, path: str | os.PathLike[str]) -> Path:
-    """Write every kept site of ``recorder`` to ``path`` atomically (temporary file + rename)."""
-    model: Detector = recorder.model
+def save_recording(model: Detector, grids_by_site: Mapping[str, SiteGrids], path: str | os.PathLike[str]) -> Path:
+    """Write recorded grids (a recorder, or any mapping of site name to grids) of ``model`` to
+    ``path`` atomically (temporary file + rename)."""
     tensors: dict[str, Tensor] = {}
     site_meta: dict[str, Any] = {}
-    for name, grids in recorder.items():
+    for name, grids in grids_by_site.items():
         site_meta[name] = {
             "kind": grids.kind,
             "heads": list(grids.heads),

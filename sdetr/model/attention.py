@@ -5,9 +5,10 @@ Parameters are packed exactly like ``torch.nn.MultiheadAttention`` (``in_proj_we
 one to one. Tensors are batch-first.
 
 Two paths, numerically the same:
-- fused: ``F.scaled_dot_product_attention`` whenever no probe is attached (the normal path);
-- explicit: ``softmax(q k^T / sqrt(d) + mask)`` materialised, used only while probes
-  (recorders, head gates, attention patches from ``sdetr.instrument``) are attached.
+- fused: ``F.scaled_dot_product_attention`` whenever no attached probe needs the map A (the
+  normal path; head gates, which see only the per-head outputs, run on it too);
+- explicit: ``softmax(q k^T / sqrt(d) + mask)`` materialised, used only while a probe that
+  reads or replaces A (a recorder, an attention patch from ``sdetr.instrument``) is attached.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from torch import Tensor, nn
 
 
 class AttentionProbe(Protocol):
-    """Something that watches or edits one attention site on the explicit path."""
+    """Something that watches or edits one attention site.
+
+    A probe may set ``needs_weights = False`` when it only acts on the per-head outputs
+    (``on_heads``): the site then stays on the fused path. Without the attribute a probe is
+    taken to need the map A, which forces the explicit path.
+    """
 
     def on_weights(self, site: Attention, q: Tensor, k: Tensor, v: Tensor, a: Tensor) -> Tensor:
         """See ``q, k, v [B, heads, L, d]`` and ``a [B, heads, Lq, Lk]``; return the ``a`` to use."""
@@ -98,11 +104,13 @@ class Attention(nn.Module):
         """
         q, k, v = self.project(query, key, value)  # [B, heads, L, d]
         dropout = self.dropout if self.training else 0.0
-        if not self.probes:
+        if self.probes and any(getattr(probe, "needs_weights", True) for probe in self.probes):
+            heads_out = self._explicit(q, k, v, key_padding_mask, dropout)
+        else:
             attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
             heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-        else:
-            heads_out = self._explicit(q, k, v, key_padding_mask, dropout)
+            for probe in self.probes:  # head-only probes (gates) on the fused output
+                heads_out = probe.on_heads(self, heads_out)  # [B, heads, Lq, d]
         batch, _, length, _ = heads_out.shape
         merged = heads_out.transpose(1, 2).reshape(batch, length, self.embed_dim)  # [B, Lq, E]
         return self.out_proj(merged)

@@ -95,3 +95,30 @@ def test_callable_patch_and_shape_check(tiny: Detector) -> None:
     ):
         tiny(images)
     assert all(not m.probes for m in tiny.attention_sites().values())
+
+
+def test_gates_run_on_the_fused_path_and_recorders_on_the_explicit_one(
+    tiny: Detector,
+    batch,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sdetr.model.attention import Attention
+
+    explicit_calls: list[str] = []
+    original = Attention._explicit
+
+    def counting(self: Attention, *args, **kwargs):  # type: ignore[no-untyped-def]
+        explicit_calls.append(self.site)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Attention, "_explicit", counting)
+    images, mask = batch
+    site = "stage1.encoder.0.self_attn"
+    gate = [1.0] * tiny.attention_sites()[site].num_heads
+    gate[1] = 0.0
+    with torch.no_grad(), gate_heads(tiny, {site: gate}, sites="*"):
+        tiny(images, mask)
+    assert explicit_calls == []  # every site gated, none materialised A
+    with torch.no_grad(), gate_heads(tiny, {site: gate}), record(tiny, sites=site, tensors=("a",)):
+        tiny(images, mask)
+    assert explicit_calls == [site]  # only the recorded site

@@ -176,7 +176,7 @@ def test_estimate_matches_what_is_held(tiny: Detector, batch) -> None:  # type: 
     held = {name: rec[name].nbytes() for name in rec}
     assert held == rec.estimated_bytes
     assert rec.estimated_bytes == estimate_bytes(
-        tiny, (96, 128), batch=2, selection=rec.selection, sites_pattern=list(rec.estimated_bytes)
+        tiny, (96, 128), batch=2, selection=rec.selection, sites=list(rec.estimated_bytes)
     )
 
 
@@ -186,7 +186,7 @@ def test_full_sdetr_estimate_by_hand() -> None:
 
     model = build_model("sdetr")
     assert feature_size(800, 1333, 16) == (50, 84) and feature_size(800, 1333, 32) == (25, 42)
-    est = estimate_bytes(model, (800, 1333), sites_pattern="stage2.encoder.0.self_attn", selection=None)
+    est = estimate_bytes(model, (800, 1333), sites="stage2.encoder.0.self_attn", selection=None)
     cells = 50 * 84
     assert est["stage2.encoder.0.self_attn"] == 2 * (cells * cells + 3 * cells * 256)
 

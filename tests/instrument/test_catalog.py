@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from sdetr import build_model, sites
-from sdetr.instrument.sites import select_sites
+from sdetr.instrument.catalog import select_sites
 
 
 def test_sdetr_sites() -> None:
