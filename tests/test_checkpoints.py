@@ -10,10 +10,8 @@ import pytest
 import torch
 
 from sdetr import CheckpointError, build_model, load_model, save_model, to_original_state_dict
-from tests.conftest import REFERENCE_DIR, read_reference_tsv
+from tests.conftest import read_reference_tsv
 from tests.reference_impl import RefDETR, RefSDETR, original_checkpoint, randomize_
-
-pytestmark = pytest.mark.skipif(not REFERENCE_DIR.is_dir(), reason="../shared/reference not present")
 
 
 def assert_outputs_equal(ours: dict, theirs: dict, atol: float = 1e-5) -> None:
