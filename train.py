@@ -10,25 +10,21 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 from typing import Any
 
+from sdetr.config import ModelConfig
 from sdetr.engine import ORIGINAL_RECIPE, TrainConfig, Trainer, distributed
+from sdetr.typed_fields import parse_assignments
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["hidden_dim=128", "position='learned'"]`` -> model config overrides."""
-    overrides = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE, e.g. --set hidden_dim=128")
-        try:
-            overrides[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            overrides[key] = raw  # a bare string such as position=learned
-    return overrides
+    """``["hidden_dim=128", "norm_first=false"]`` -> model config overrides, parsed by each field's type.
+
+    Raises:
+        ConfigError: an unknown field (with the closest one) or a value that is not of the field's type.
+    """
+    return parse_assignments(ModelConfig, items)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sdetr.atomic_files import atomic_path
-from sdetr.config import BACKBONE_CHANNELS, ModelConfig, StageConfig, get_config
+from sdetr.config import BACKBONE_CHANNELS, ConfigError, ModelConfig, StageConfig, get_config
 from sdetr.model.detector import Detector
 
 #: Marker key of this project's checkpoint files.
@@ -253,7 +253,10 @@ def load_model(
     state, args, saved_config = _split(obj, name)
     if config is None:
         if saved_config is not None and preset is None:
-            config = ModelConfig.from_dict(saved_config)
+            try:
+                config = ModelConfig.from_dict(saved_config)
+            except ConfigError as error:
+                raise CheckpointError(f"{name}: its stored model config is not valid ({error})") from None
         else:
             try:
                 config = infer_config(state, args, get_config(preset) if preset else None)

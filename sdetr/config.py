@@ -9,9 +9,12 @@ previous stage's last decoder output (SDETR's stage 2) instead of from zeros.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from sdetr.typed_fields import ConfigError, check_fields, check_names, coerce, field_types, unknown_field_message
 
 FeatureLevel = Literal["c4", "c5"]
 PositionKind = Literal["sine", "learned"]
@@ -32,7 +35,7 @@ def _per_layer(value: int | tuple[int, ...], layers: int, name: str) -> tuple[in
     if isinstance(value, int):
         return (value,) * layers
     if len(value) != layers:
-        raise ValueError(f"{name} has {len(value)} entries but the stage has {layers} layers")
+        raise ConfigError(f"{name} has {len(value)} entries but the stage has {layers} layers")
     return tuple(value)
 
 
@@ -53,6 +56,25 @@ class StageConfig:
     encoder_heads: int | tuple[int, ...] = 8
     decoder_heads: int | tuple[int, ...] = 8
     from_previous: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.encoder_layers < 0:
+            raise ConfigError(f"encoder_layers={self.encoder_layers}; use 0 or more")
+        if self.decoder_layers < 1:
+            raise ConfigError(f"decoder_layers={self.decoder_layers}; a stage needs at least 1 decoder layer")
+        for heads in self.encoder_heads_per_layer() + self.decoder_heads_per_layer():
+            if heads < 1:
+                raise ConfigError(f"heads={heads}; every attention layer needs at least 1 head")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "stage") -> StageConfig:
+        """A stage from a dict (as in a checkpoint's config); wrong fields or types raise :class:`ConfigError`."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a dict of StageConfig fields, got {type(data).__name__}")
+        _check_names(cls, data, where)
+        values = {name: coerce(value, field_types(cls)[name], f"{where}.{name}") for name, value in data.items()}
+        return cls(**values)
 
     def encoder_heads_per_layer(self) -> tuple[int, ...]:
         return _per_layer(self.encoder_heads, self.encoder_layers, "encoder_heads")
@@ -97,22 +119,20 @@ class ModelConfig:
     stages: tuple[StageConfig, ...] = field(default_factory=lambda: (StageConfig(),))
 
     def __post_init__(self) -> None:
-        if self.backbone not in BACKBONE_CHANNELS:
-            raise ValueError(f"backbone={self.backbone!r} is not supported; use one of {sorted(BACKBONE_CHANNELS)}")
+        check_fields(self)
+        for name in ("hidden_dim", "ffn_dim", "num_classes", "num_queries"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}; use a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout}; use a probability in [0, 1)")
         if not self.stages:
-            raise ValueError("a model needs at least one stage")
+            raise ConfigError("a model needs at least one stage")
         if self.stages[0].from_previous:
-            raise ValueError("stage 1 cannot start from a previous stage (from_previous=True)")
+            raise ConfigError("stage 1 cannot start from a previous stage (from_previous=True)")
         for i, stage in enumerate(self.stages, start=1):
             for heads in stage.encoder_heads_per_layer() + stage.decoder_heads_per_layer():
-                if heads < 1 or self.hidden_dim % heads:
-                    raise ValueError(f"stage {i}: hidden_dim={self.hidden_dim} is not divisible by heads={heads}")
-            if stage.feature not in ("c4", "c5"):
-                raise ValueError(f"stage {i}: feature={stage.feature!r}; use 'c4' or 'c5'")
-        if self.backbone_norm not in ("frozen_bn", "group_norm"):
-            raise ValueError(f"backbone_norm={self.backbone_norm!r}; use 'frozen_bn' or 'group_norm'")
-        if self.position not in ("sine", "learned"):
-            raise ValueError(f"position={self.position!r}; use 'sine' or 'learned'")
+                if self.hidden_dim % heads:
+                    raise ConfigError(f"stage {i}: hidden_dim={self.hidden_dim} is not divisible by heads={heads}")
 
     def feature_channels(self, level: FeatureLevel) -> int:
         return BACKBONE_CHANNELS[self.backbone][level]
@@ -123,25 +143,32 @@ class ModelConfig:
         return 16 if self.dilation else 32
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with some fields changed (``dataclasses.replace``)."""
+        """A copy with some fields changed (``dataclasses.replace``); unknown fields raise :class:`ConfigError`."""
+        check_names(ModelConfig, changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model config fields {sorted(unknown)}; known: {sorted(known)}")
-        values = dict(data)
-        stages = []
-        for stage in values.get("stages", ()):
-            fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in stage.items()}
-            stages.append(StageConfig(**fields))
-        values["stages"] = tuple(stages)
+    def from_dict(cls, data: Any, where: str = "model config") -> ModelConfig:
+        """A config from :meth:`to_dict`'s output (as stored in checkpoints and recordings).
+
+        Raises:
+            ConfigError: not a dict, an unknown field (with the closest valid name) or a value of
+                the wrong type or range (naming the field).
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a dict of ModelConfig fields, got {type(data).__name__}")
+        _check_names(cls, data, where)
+        values = {name: coerce(value, field_types(cls)[name], f"{where}.{name}") for name, value in data.items()}
         return cls(**values)
+
+
+def _check_names(cls: type, data: dict[Any, Any], where: str) -> None:
+    for name in data:
+        if not isinstance(name, str) or name not in field_types(cls):
+            raise ConfigError(f"{where}: {unknown_field_message(cls, str(name))}")
 
 
 def _detr() -> ModelConfig:
@@ -202,9 +229,26 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
 }
 
 
+class UnknownPresetError(ConfigError, KeyError):
+    """A preset name that is not in :data:`PRESETS` (a ``KeyError`` too, for ``PRESETS``-style lookups)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 def get_config(preset: str, **overrides: Any) -> ModelConfig:
-    """The config of a named preset, with optional field overrides."""
+    """The config of a named preset, with optional field overrides.
+
+    Raises:
+        UnknownPresetError: ``preset`` is not in :data:`PRESETS` (the message lists them).
+        ConfigError: an override that is not a field (with the closest one) or has the wrong type.
+    """
     if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+        close = difflib.get_close_matches(str(preset), list(PRESETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownPresetError(f"unknown preset {preset!r}{hint}; available: {', '.join(PRESETS)}")
     config = PRESETS[preset]()
-    return config.replace(**overrides) if overrides else config
+    if not overrides:
+        return config
+    check_names(ModelConfig, overrides)
+    return config.replace(**overrides)

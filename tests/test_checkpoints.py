@@ -167,3 +167,14 @@ def test_namespace_args_are_read(ref_sdetr: RefSDETR, tmp_path: Path) -> None:
     torch.save(original_checkpoint(ref_sdetr, nheads=8, dilation=False, dropout=0.0), path)
     assert load_model(path).config.dropout == 0.0
     assert isinstance(original_checkpoint(ref_sdetr)["args"], argparse.Namespace)
+
+
+def test_a_checkpoint_with_a_bad_stored_config_names_the_file_and_field(tmp_path: Path) -> None:
+    """Issue 11: a checkpoint that stored ``norm_first='false'`` loaded as True."""
+    model = build_model("sdetr-tiny", num_classes=4)
+    path = save_model(model, tmp_path / "c.pth")
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["norm_first"] = "false"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"c\.pth: its stored model config .*norm_first: expected true or false"):
+        load_model(path)

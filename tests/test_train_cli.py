@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from sdetr.config import ConfigError
 from train import config_from_args, parse_overrides
 
 
@@ -38,8 +39,18 @@ def test_overrides_are_parsed_as_literals() -> None:
         "dropout": 0.0,
         "norm_first": True,
     }
-    with pytest.raises(SystemExit, match="expected FIELD=VALUE"):
+    with pytest.raises(ConfigError, match="expected FIELD=VALUE"):
         parse_overrides(["hidden_dim"])
+
+
+def test_overrides_false_is_false_and_bad_values_name_the_flag() -> None:
+    """Issue 11: ``--set norm_first=false`` set True; ``hidden_dim=abc`` and unknown fields gave raw TypeErrors."""
+    config = config_from_args(["--set", "norm_first=false", "--set", "freeze_stem=false"])
+    assert config.model_overrides == {"norm_first": False, "freeze_stem": False}
+    with pytest.raises(ConfigError, match="--set hidden_dim=abc: hidden_dim: expected an integer, got 'abc'"):
+        config_from_args(["--set", "hidden_dim=abc"])
+    with pytest.raises(ConfigError, match="no field 'nonexistent_field'; valid fields: name, backbone"):
+        config_from_args(["--set", "nonexistent_field=3"])
 
 
 def test_eval_and_flags_familiar_to_detr_users() -> None:
