@@ -1,4 +1,11 @@
-"""Frozen-BatchNorm ResNet backbone returning C4 (stride 16) and C5 (stride 32) with masks."""
+"""Frozen-BatchNorm ResNet backbone returning C4 (stride 16) and C5 (stride 32) with masks.
+
+Fast mode (``Backbone.set_fast(True)``, or ``Detector.set_fast``; off by default): the frozen
+batch norms are folded into their convolutions (:mod:`sdetr.model.resnet_blocks`) and the
+backbone runs in channels-last memory format. Both only reorder float arithmetic: outputs
+change by float32 rounding (measured in ``benchmarks/speed.py``), not in meaning. The default
+path is torchvision's, bit for bit.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from sdetr.config import ModelConfig
+from sdetr.model.resnet_blocks import FoldedBasicBlock, FoldedBottleneck, build_resnet, conv_norm
 
 #: Levels a backbone can return, with the torchvision layer that produces each.
 LEVEL_LAYERS = {"c4": "layer3", "c5": "layer4"}
@@ -31,15 +38,15 @@ class Backbone(nn.Module):
 
     def __init__(self, config: ModelConfig, levels: tuple[str, ...]) -> None:
         super().__init__()
-        factory = getattr(torchvision.models, config.backbone)
         replace_stride = [False, False, config.dilation]
         norm_layer = FrozenBatchNorm2d if config.backbone_norm == "frozen_bn" else partial(nn.GroupNorm, 32)
-        kwargs: dict[str, object] = {"weights": None, "norm_layer": norm_layer}
+        kwargs: dict[str, object] = {"norm_layer": norm_layer}
         if config.backbone in ("resnet50", "resnet101"):
             kwargs["replace_stride_with_dilation"] = replace_stride
         elif config.dilation:
             raise ValueError(f"dilation is only supported for resnet50/101, not {config.backbone}")
-        body: torchvision.models.ResNet = factory(**kwargs)
+        body = build_resnet(config.backbone, **kwargs)
+        self.fast = False
         del body.fc, body.avgpool  # classification head: unused, no parameters kept
         self.body = body
         self.levels = levels
@@ -50,6 +57,13 @@ class Backbone(nn.Module):
             for name, parameter in self.body.named_parameters():
                 if not name.startswith(("layer2", "layer3", "layer4")):
                     parameter.requires_grad_(False)
+
+    def set_fast(self, enabled: bool = True) -> None:
+        """Fold frozen batch norms into the convolutions and run channels-last (or switch back)."""
+        self.fast = enabled
+        for module in self.body.modules():
+            if isinstance(module, FoldedBasicBlock | FoldedBottleneck):
+                module.fold = enabled
 
     def load_imagenet_weights(self, path: str | Path) -> None:
         """Load torchvision-format ImageNet weights from a local file (never downloads)."""
@@ -76,12 +90,13 @@ class Backbone(nn.Module):
         mask: ``[B, H, W]`` True on padded pixels.
         """
         body = self.body
-        x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
+        x = images.contiguous(memory_format=torch.channels_last) if self.fast else images  # NHWC: faster convs
+        x = body.maxpool(F.relu(conv_norm(body.conv1, body.bn1, x, self.fast)))
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for level_name, layer_name in (("c2", "layer1"), ("c3", "layer2"), *LEVEL_LAYERS.items()):
             x = getattr(body, layer_name)(x)  # [B, C, H/stride, W/stride]
             if level_name in self.levels:
-                out[level_name] = (x, resize_mask(mask, x.shape[-2:]))
+                out[level_name] = (x.contiguous(), resize_mask(mask, x.shape[-2:]))  # back to NCHW
             if len(out) == len(self.levels):
                 break
         return out

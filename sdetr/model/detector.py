@@ -115,6 +115,13 @@ class Detector(nn.Module):
     def stages(self) -> list[Stage]:
         return [getattr(self, f"stage{index}") for index in range(1, self.num_stages + 1)]
 
+    def set_fast(self, enabled: bool = True) -> Detector:
+        """Fast CPU/GPU inference and training: frozen batch norms folded into the backbone's
+        convolutions and a channels-last backbone (see :mod:`sdetr.model.backbone`); outputs move
+        only by float32 rounding. Off by default. Returns the model."""
+        self.backbone.set_fast(enabled)
+        return self
+
     def attention_sites(self) -> dict[str, Attention]:
         """Every attention layer by its stable site name, in forward order."""
         sites: dict[str, Attention] = {}

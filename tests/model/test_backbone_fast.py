@@ -1,0 +1,70 @@
+"""Fast backbone mode: frozen batch norm folded into the convolutions, channels-last."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from sdetr import build_model
+from sdetr.model.resnet_blocks import conv_norm
+
+
+def _frozen_bn_model(preset: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(preset, backbone_norm="frozen_bn", dropout=0.0).eval()
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():  # non-trivial statistics, so folding has something to fold
+        if isinstance(module, FrozenBatchNorm2d):
+            size = module.running_var.shape
+            module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.running_mean.copy_(torch.randn(size, generator=generator) * 0.2)
+            module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.bias.copy_(torch.randn(size, generator=generator) * 0.1)
+    return model
+
+
+def test_conv_norm_folding_by_hand() -> None:
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1, bias=True)
+    norm = FrozenBatchNorm2d(3)
+    norm.weight.copy_(torch.tensor([2.0, 0.5, 1.0]))
+    norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    norm.running_mean.copy_(torch.tensor([1.0, 0.0, -1.0]))
+    norm.running_var.copy_(torch.tensor([4.0, 1.0, 0.25]))
+    x = torch.randn(2, 2, 5, 5)
+    expected = norm(conv(x))  # (conv - mean) / sqrt(var + eps) * weight + bias
+    torch.testing.assert_close(conv_norm(conv, norm, x, fold=True), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(conv_norm(conv, norm, x, fold=False), expected)
+
+
+@pytest.mark.parametrize("preset", ["sdetr-tiny", "detr"])
+def test_fast_mode_equals_the_default_on_a_padded_batch(preset: str, padded_batch) -> None:  # type: ignore[no-untyped-def]
+    images, mask = padded_batch
+    model = _frozen_bn_model(preset)
+    with torch.no_grad():
+        default = model(images, mask)
+        model.set_fast(True)
+        fast = model(images, mask)
+        model.set_fast(False)
+        again = model(images, mask)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(fast[key], default[key], atol=1e-5, rtol=0)
+        assert torch.equal(again[key], default[key])  # switching back restores torchvision's path exactly
+
+
+def test_fast_mode_trains_the_same_gradients(padded_batch) -> None:  # type: ignore[no-untyped-def]
+    images, mask = padded_batch
+    model = _frozen_bn_model("sdetr-tiny").train()
+    weight = model.backbone.body.layer3[0].conv1.weight
+
+    def grad() -> torch.Tensor:
+        model.zero_grad()
+        model(images, mask)["pred_boxes"].sum().backward()
+        assert weight.grad is not None
+        return weight.grad.clone()
+
+    default = grad()
+    model.set_fast(True)
+    fast = grad()
+    assert default.abs().max() > 0
+    torch.testing.assert_close(fast, default, atol=1e-5 * float(default.abs().max()), rtol=1e-4)
