@@ -356,6 +356,10 @@ def stage_breakdown(
         long form: ``output`` (0 .. L-1), ``stage``, ``layer``, ``site`` (``stage1.decoder.0``),
         ``is_final``, then :func:`size_breakdown`'s ``bin, kind, lo, hi, n_gt, AP, AP50, AP75, AR100, note``.
     """
+    if not isinstance(dataset, CocoDetection):
+        raise TypeError(
+            f"dataset must be an sdetr.CocoDetection (its .coco is the ground truth), got {type(dataset).__name__}"
+        )
     layout = decoder_layout(model)
     found = detect(model, dataset, batch_size, range(len(layout)), limit, progress, desc="stage breakdown")
     if sorted(found.results) != list(range(len(layout))) and found.image_ids:

@@ -223,3 +223,5 @@ def test_stage_breakdown_final_output_is_the_trainers_evaluation(trainer_run: Tr
     # every column of the final output equals the breakdown of the trainer's own detections file
     from_file = size_breakdown(trainer.data.val.coco, trainer_run.detections)
     pd.testing.assert_frame_equal(final.reset_index(drop=True), from_file)
+    with pytest.raises(TypeError, match="CocoDetection"):
+        stage_breakdown(trainer.model, [trainer.data.val[0][0]], progress=False)  # type: ignore[arg-type]
