@@ -5,17 +5,29 @@ Examples:
     torchrun --nproc_per_node=4 train.py --recipe original --coco_path /data/coco
     python train.py --eval --resume outputs/checkpoint.pth
     python train.py --preset sdetr-multihead --set hidden_dim=128 --set dropout=0.0
+    python train.py --resume outputs/checkpoint.pth --epochs 12     # continue a run (its options, these flags win)
+
+Errors in flags, data or files are printed as one message (exit status 2); Ctrl-C prints where
+the last checkpoint is and the command that resumes from it (exit status 130).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shlex
+import sys
+from pathlib import Path
 from typing import Any
 
-from sdetr.config import ModelConfig
+from sdetr.checkpoints import CheckpointError, read_checkpoint
+from sdetr.config import ConfigError, ModelConfig
 from sdetr.engine import ORIGINAL_RECIPE, TrainConfig, Trainer, distributed
+from sdetr.errors import USER_ERROR_EXIT, UserError
 from sdetr.typed_fields import parse_assignments
+
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -33,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recipe",
         choices=["quickstart", "original"],
-        default="quickstart",
+        default=None,
         help="'original': the paper's 150-epoch COCO run (flags given explicitly still win)",
     )
     p.add_argument("--preset", help=f"model preset (default {defaults.preset})")
@@ -61,7 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--output_dir")
-    p.add_argument("--resume", help="checkpoint to continue from (or to evaluate with --eval)")
+    p.add_argument(
+        "--resume",
+        help="checkpoint to continue from (its run's options are the defaults, flags given win) or to --eval",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="replace the run already in --output_dir (its checkpoint, log, detections and recordings)",
+    )
     p.add_argument("--eval", dest="eval_only", action="store_true", default=None, help="only evaluate --resume")
     p.add_argument("--eval_every", type=int)
     p.add_argument("--num_workers", type=int)
@@ -86,22 +107,86 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resumed_options(path: str) -> dict[str, Any]:
+    """The training options stored in a checkpoint (the defaults of a resumed run); {} for original files.
+
+    Raises:
+        CheckpointError: an unreadable checkpoint, or stored options that are not valid.
+    """
+    state = read_checkpoint(Path(path))
+    saved = state.get("train_config") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        return {}
+    per_run = {"resume", "eval_only", "overwrite", "output_dir"}
+    known = {k: v for k, v in saved.items() if k in TRAIN_FIELDS and k not in per_run}
+    try:
+        TrainConfig.from_dict(known)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: its stored training options are not valid ({error})") from None
+    return known
+
+
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """Flags -> :class:`TrainConfig`. With ``--resume`` (training), the checkpoint's options are the
+    defaults and the flags given explicitly win (the trainer prints each difference)."""
     args = build_parser().parse_args(argv)
-    values: dict[str, Any] = dict(ORIGINAL_RECIPE) if args.recipe == "original" else {}
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
-    values["model_overrides"] = parse_overrides(args.overrides)
+    explicit = {k: v for k, v in vars(args).items() if k in TRAIN_FIELDS and v is not None}
+    overrides = parse_overrides(args.overrides)
+    values: dict[str, Any] = {}
+    if args.resume and not args.eval_only:
+        values.update(resumed_options(args.resume))
+        explicit.setdefault("output_dir", str(Path(args.resume).parent))  # continue in the run's folder
+    if args.recipe == "original":
+        values.update(ORIGINAL_RECIPE)
+    values.update(explicit)
+    values["model_overrides"] = {**values.get("model_overrides", {}), **overrides}
     return TrainConfig(**values)
 
 
-def main(argv: list[str] | None = None) -> None:
-    config = config_from_args(argv)
+#: Errors of the user's input: printed without a traceback (other exceptions are bugs and keep theirs).
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def resume_hint(trainer: Trainer | None, argv: list[str]) -> str:
+    """What to tell the user after Ctrl-C: the last checkpoint and the command that continues from it."""
+    if trainer is None or trainer.last_checkpoint is None:
+        return "interrupted before a checkpoint was written; nothing to resume (run the command again)"
+    kept: list[str] = []
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg in ("--resume", "--output_dir"):
+            skip_next = True
+        elif not arg.startswith(("--resume=", "--output_dir=")) and arg != "--overwrite":
+            kept.append(arg)
+    command = shlex.join(["python", "train.py", *kept, "--resume", str(trainer.last_checkpoint)])
+    return (
+        f"interrupted; the last checkpoint is {trainer.last_checkpoint} (epoch {trainer.last_epoch} finished). "
+        f"Continue with:\n  {command}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0, 2 for a user error, 130 for Ctrl-C)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    prefix = "train.py: " if rank == 0 else f"train.py [rank {rank}]: "
+    trainer: Trainer | None = None
     try:
-        Trainer(config).run()
+        trainer = Trainer(config_from_args(argv))
+        trainer.run()
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"\n{prefix}{resume_hint(trainer, argv)}", file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:
+        print(f"{prefix}error: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT
     finally:
         distributed.teardown()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

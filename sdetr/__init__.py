@@ -9,7 +9,7 @@ Public API::
 
 from sdetr.build import build_model, count_parameters
 from sdetr.checkpoints import CheckpointError, load_model, save_model, to_original_state_dict
-from sdetr.config import PRESETS, ModelConfig, StageConfig, get_config
+from sdetr.config import PRESETS, ConfigError, ModelConfig, StageConfig, get_config
 from sdetr.data import (
     BadDataError,
     CocoDetection,
@@ -22,7 +22,16 @@ from sdetr.data import (
     synthetic_image,
     synthetic_root,
 )
-from sdetr.engine import STAT_NAMES, TrainConfig, Trainer, coco_stats, to_coco_results
+from sdetr.engine import (
+    STAT_NAMES,
+    NonFiniteLossError,
+    PreflightError,
+    TrainConfig,
+    Trainer,
+    coco_stats,
+    to_coco_results,
+)
+from sdetr.errors import UserError
 from sdetr.instrument import (
     GridGeometry,
     Recording,
@@ -66,6 +75,8 @@ __all__ = [
     "synthetic_image",
     "synthetic_root",
     # training and COCO evaluation
+    "NonFiniteLossError",
+    "PreflightError",
     "STAT_NAMES",
     "TrainConfig",
     "Trainer",
@@ -91,6 +102,7 @@ __all__ = [
     "weights_sha256",
     # models and checkpoints
     "CheckpointError",
+    "ConfigError",
     "CriterionConfig",
     "Detector",
     "HungarianMatcher",
@@ -107,4 +119,6 @@ __all__ = [
     "postprocess",
     "save_model",
     "to_original_state_dict",
+    # errors of the user's input (the base class of every error type above)
+    "UserError",
 ]

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+import torch
+
+import train
+from sdetr.checkpoints import CheckpointError
 from sdetr.config import ConfigError
+from sdetr.engine import TrainConfig
 from train import config_from_args, parse_overrides
 
 
@@ -59,3 +65,89 @@ def test_eval_and_flags_familiar_to_detr_users() -> None:
     )
     assert config.eval_only and config.resume == "c.pth" and config.clip_max_norm == 0.0
     assert config.weight_decay == 0.01 and config.num_workers == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "0"], "--epochs 0: use a positive integer"),
+        (["--lr_drop", "0"], "--lr_drop 0: use a positive integer"),
+        (["--set", "hidden_dim=abc"], "--set hidden_dim=abc: hidden_dim: expected an integer, got 'abc'"),
+        (["--set", "nonexistent_field=3"], "no field 'nonexistent_field'"),
+        (["--preset", "yolo"], "unknown preset 'yolo'"),
+        (["--eval"], "--eval needs --resume"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train, "Trainer", _no_trainer)
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def _no_trainer(config: TrainConfig) -> None:
+    raise AssertionError("the config should have been refused")
+
+
+def test_a_missing_resume_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train.main(["--resume", str(tmp_path / "nope.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"train.py: error: checkpoint {str(tmp_path / 'nope.pth')!r} does not exist\n"
+
+
+def test_bugs_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Broken:
+        def __init__(self, config: TrainConfig) -> None:
+            raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(train, "Trainer", Broken)
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        train.main([])
+
+
+def test_ctrl_c_prints_the_last_checkpoint_and_the_resume_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Interrupted:
+        def __init__(self, config: TrainConfig) -> None:
+            self.last_checkpoint, self.last_epoch = None, None
+
+        def run(self) -> None:
+            self.last_checkpoint, self.last_epoch = Path("runs/a/checkpoint.pth"), 3
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "Trainer", Interrupted)
+    assert train.main(["--epochs", "9", "--output_dir", "runs/a", "--overwrite"]) == 130
+    err = capsys.readouterr().err
+    assert "the last checkpoint is runs/a/checkpoint.pth (epoch 3 finished)" in err
+    assert "python train.py --epochs 9 --resume runs/a/checkpoint.pth" in err and "Traceback" not in err
+
+
+def test_ctrl_c_before_any_checkpoint_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Interrupted:
+        last_checkpoint = None
+
+        def __init__(self, config: TrainConfig) -> None:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "Trainer", Interrupted)
+    assert train.main([]) == 130
+    assert "interrupted before a checkpoint was written" in capsys.readouterr().err
+
+
+def test_resume_takes_the_runs_options_and_explicit_flags_win(tmp_path: Path) -> None:
+    """Issue 11: ``--resume`` silently ignored an explicit --lr."""
+    stored = TrainConfig(epochs=5, lr=2e-4, batch_size=2, model_overrides={"hidden_dim": 32}, output_dir="elsewhere")
+    torch.save({"sdetr_format": 1, "train_config": stored.to_dict()}, tmp_path / "checkpoint.pth")
+    config = config_from_args(["--resume", str(tmp_path / "checkpoint.pth"), "--lr", "1e-3", "--set", "ffn_dim=64"])
+    assert (config.epochs, config.batch_size, config.lr) == (5, 2, 1e-3)
+    assert config.model_overrides == {"hidden_dim": 32, "ffn_dim": 64}
+    assert config.output_dir == str(tmp_path)  # the checkpoint's folder, not the stored (maybe moved) path
+    torch.save({"sdetr_format": 1, "train_config": {**stored.to_dict(), "lr": "fast"}}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"bad\.pth: its stored training options are not valid \(lr: expected"):
+        config_from_args(["--resume", str(tmp_path / "bad.pth")])

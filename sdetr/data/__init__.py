@@ -1,6 +1,7 @@
 """Data: COCO detection (pycocotools), DETR transforms, the embedded synthetic set."""
 
-from sdetr.data.coco import BadDataError, CocoDetection, CocoPaths, collate, load_coco
+from sdetr.data.annotations import BadDataError, load_coco
+from sdetr.data.coco import CocoDetection, CocoPaths, collate
 from sdetr.data.synthetic import SyntheticSpec, generate_synthetic_coco, synthetic_image, synthetic_root
 from sdetr.data.transforms import SCALES, Scale, build_transforms
 

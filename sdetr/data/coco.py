@@ -1,41 +1,42 @@
 """COCO detection through pycocotools, with the original cleaning and clear bad-data errors.
 
-Cleaning (as the original): crowd boxes are dropped, boxes are clipped to the image and boxes
-left empty are removed. Bad data is either an error that names the file and the annotation
+The annotation file is checked field by field first (:mod:`sdetr.data.annotations`). Cleaning
+(as the original): crowd boxes are dropped, boxes are clipped to the image and boxes left empty
+are removed. Bad data is either an error that names the file, the entry and the field
 (``on_bad_data="error"``, the default) or skipped with one warning and a count per kind
 (``on_bad_data="skip"``):
+- an entry with a missing or malformed field (see :mod:`sdetr.data.annotations`);
 - an annotation whose ``image_id`` or ``category_id`` does not exist;
 - a box with negative width or height, or entirely outside its image;
-- an image file that is missing or unreadable.
+- an image file that is missing, or unreadable or of another size than its entry says
+  (found by :meth:`CocoDetection.verify_images`, which the trainer runs before the first step).
+Skipped images are left out of the dataset, never replaced by other images.
 Images without objects are legitimate in COCO (all queries learn "no object"): they are kept
 and counted; with ``on_bad_data="skip"`` they are skipped too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import warnings
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from pycocotools.coco import COCO
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
+from tqdm.auto import tqdm
 
-OnBadData = Literal["error", "skip"]
+from sdetr.data.annotations import SKIP_HINT, BadDataError, OnBadData, load_coco, read_coco
 
+__all__ = ["BadDataError", "CocoDetection", "CocoPaths", "OnBadData", "collate", "image_problem", "load_coco"]
 
-class BadDataError(ValueError):
-    """Data that cannot be used; the message names the file and the annotation."""
+#: Bad files listed in full in one error message; more are counted.
+MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
@@ -54,19 +55,23 @@ class CocoPaths:
         return self.root / f"{self.split}2017"
 
 
-def load_coco(annotation_file: str | os.PathLike[str]) -> COCO:
-    """pycocotools' COCO index, without its prints; a clear error for a missing or broken file."""
-    path = Path(annotation_file)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"annotation file {path} does not exist; "
-            "--coco_path must contain annotations/instances_{train,val}2017.json"
-        )
+def image_problem(path: Path, width: int, height: int) -> str | None:
+    """Why the image file at ``path`` cannot be used (None: it can), reading headers only.
+
+    PIL's ``verify`` checks the file's structure (for PNG every chunk's checksum) without
+    decoding the pixels; the size must be the ``width x height`` of its entry.
+    """
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(path))
-    except (ValueError, KeyError, TypeError, AssertionError) as error:  # pycocotools asserts on format
-        raise BadDataError(f"{path}: not a COCO annotation file ({type(error).__name__}: {error})") from None
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+    except FileNotFoundError:
+        return "does not exist"
+    except Exception as error:  # PIL raises many types for broken files
+        return f"is unreadable ({type(error).__name__}: {error})"
+    if size != (width, height):
+        return f"is {size[0]}x{size[1]} pixels but its entry says {width}x{height}"
+    return None
 
 
 class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
@@ -77,6 +82,7 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
     ``orig_size`` and ``size`` (height, width).
 
     Attributes:
+        coco: the pycocotools index of the entries that passed the checks.
         skipped: counts of skipped items by kind (with ``on_bad_data="skip"``).
         empty_images: number of images without (valid) objects.
     """
@@ -92,12 +98,11 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
         self.paths = paths
         self.transforms = transforms
         self.on_bad_data = on_bad_data
-        self.coco = load_coco(paths.annotations)
+        self.coco, self.skipped = read_coco(paths.annotations, on_bad_data)
         if not paths.images.is_dir():
             raise FileNotFoundError(
                 f"image folder {paths.images} does not exist (expected next to {paths.annotations.parent})"
             )
-        self.skipped: Counter[str] = Counter()
         self.targets: dict[int, tuple[Tensor, Tensor]] = {}
         self.ids = self._clean()
         self.empty_images = sum(1 for i in self.ids if len(self.targets[i][1]) == 0)
@@ -107,38 +112,17 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
 
     def _bad(self, kind: str, message: str) -> None:
         if self.on_bad_data == "error":
-            raise BadDataError(
-                f"{self.paths.annotations}: {message}. Fix the data or pass on_bad_data='skip' (--skip_bad_data)."
-            )
+            raise BadDataError(f"{self.paths.annotations}: {message}. {SKIP_HINT}")
         self.skipped[kind] += 1
 
     def _clean(self) -> list[int]:
         coco = self.coco
         per_image: dict[int, tuple[list[list[float]], list[int]]] = {i: ([], []) for i in coco.imgs}
-        for ann in coco.dataset.get("annotations", []):
-            ann_id, image_id = ann.get("id"), ann.get("image_id")
-            if image_id not in coco.imgs:
-                self._bad(
-                    "annotations of missing images",
-                    f"annotation {ann_id} refers to image_id {image_id}, which is not in 'images'",
-                )
-                continue
-            if ann.get("category_id") not in coco.cats:
-                self._bad(
-                    "annotations of missing categories",
-                    f"annotation {ann_id} (image {image_id}) has category_id {ann.get('category_id')}, "
-                    "which is not in 'categories'",
-                )
-                continue
-            if ann.get("iscrowd", 0):
+        for ann in coco.dataset["annotations"]:  # validated: ids exist, bbox is 4 finite numbers, w, h >= 0
+            ann_id, image_id = ann["id"], ann["image_id"]
+            if ann["iscrowd"]:
                 continue  # the original drops crowd boxes
-            x, y, w, h = ann["bbox"]
-            if w < 0 or h < 0:
-                self._bad(
-                    "boxes with negative size",
-                    f"annotation {ann_id} (image {image_id}) has bbox {ann['bbox']} with negative width or height",
-                )
-                continue
+            x, y, w, h = (float(v) for v in ann["bbox"])
             info = coco.imgs[image_id]
             x0, y0 = max(0.0, x), max(0.0, y)
             x1, y1 = min(float(info["width"]), x + w), min(float(info["height"]), y + h)
@@ -154,8 +138,7 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
                 per_image[image_id][1].append(int(ann["category_id"]))
         ids = []
         for image_id in sorted(per_image):
-            info = coco.imgs[image_id]
-            path = self.paths.images / info["file_name"]
+            path = self.image_path(image_id)
             if not path.is_file():
                 self._bad("missing image files", f"image {image_id} ({path}) does not exist")
                 continue
@@ -173,27 +156,67 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def image_path(self, image_id: int) -> Path:
+        return self.paths.images / self.coco.imgs[image_id]["file_name"]
+
+    def find_bad_images(self, progress: bool = False) -> list[tuple[int, Path, str]]:
+        """``(image id, path, problem)`` of every image that cannot be read (headers only, see
+        :func:`image_problem`); fast enough to run over a whole split before training.
+
+        Args:
+            progress: show a progress bar (for splits of 1000 images or more).
+        """
+        bad = []
+        for image_id in tqdm(
+            self.ids,
+            desc=f"checking {self.paths.split} images",
+            disable=not progress or len(self.ids) < 1000,
+            leave=False,
+        ):
+            info = self.coco.imgs[image_id]
+            path = self.image_path(image_id)
+            problem = image_problem(path, int(info["width"]), int(info["height"]))
+            if problem is not None:
+                bad.append((image_id, path, problem))
+        return bad
+
+    def drop_images(self, image_ids: Iterable[int], kind: str = "unreadable images") -> None:
+        """Leave these images out of the dataset and count them under ``kind`` in ``skipped``."""
+        dropped = set(image_ids) & set(self.ids)
+        self.ids = [i for i in self.ids if i not in dropped]
+        self.empty_images = sum(1 for i in self.ids if len(self.targets[i][1]) == 0)
+        if dropped:
+            self.skipped[kind] += len(dropped)
+
+    def verify_images(self) -> None:
+        """Check every image file before use: one error listing all bad files (``on_bad_data="error"``),
+        or they are left out, counted and listed in one warning (``"skip"``)."""
+        bad = self.find_bad_images()
+        if not bad:
+            return
+        listing = describe_bad_images(bad)
+        if self.on_bad_data == "error":
+            raise BadDataError(
+                f"{len(bad)} image file(s) of {self.paths.images} cannot be used:\n{listing}\n{SKIP_HINT}"
+            )
+        self.drop_images(image_id for image_id, _, _ in bad)
+        warnings.warn(f"skipped {len(bad)} unreadable image(s) of {self.paths.images}:\n{listing}", stacklevel=2)
+
     def read_image(self, image_id: int) -> Image.Image:
-        info = self.coco.imgs[image_id]
-        path = self.paths.images / info["file_name"]
+        path = self.image_path(image_id)
         try:
             with Image.open(path) as image:
                 return image.convert("RGB")
-        except (OSError, UnidentifiedImageError) as error:
-            raise BadDataError(f"{path}: image {image_id} is unreadable ({error})") from None
+        except Exception as error:  # PIL raises many types for broken files
+            raise BadDataError(
+                f"{path}: image {image_id} is unreadable ({type(error).__name__}: {error}). "
+                "Run dataset.verify_images() first (the trainer does) to find every bad file at once"
+                + (" and skip them." if self.on_bad_data == "skip" else ".")
+            ) from None
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        for attempt in range(len(self.ids)):
-            image_id = self.ids[(index + attempt) % len(self.ids)]
-            try:
-                image = self.read_image(image_id)
-            except BadDataError:
-                if self.on_bad_data == "error":
-                    raise
-                warnings.warn(f"skipping unreadable image {image_id}; using the next one", stacklevel=2)
-                continue
-            return self._sample(image_id, image)
-        raise BadDataError(f"{self.paths.images}: no readable image")
+        image_id = self.ids[index]
+        return self._sample(image_id, self.read_image(image_id))
 
     def _sample(self, image_id: int, image: Image.Image) -> tuple[Tensor, dict[str, Any]]:
         boxes, labels = self.targets[image_id]
@@ -208,6 +231,14 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
         if self.transforms is None:
             raise RuntimeError("CocoDetection needs transforms that turn the sample into model input")
         return self.transforms(pixels, target)
+
+
+def describe_bad_images(bad: list[tuple[int, Path, str]]) -> str:
+    """One line per bad image (the first :data:`MAX_LISTED`), then a count of the rest."""
+    lines = [f"  {path} (image {image_id}) {problem}" for image_id, path, problem in bad[:MAX_LISTED]]
+    if len(bad) > MAX_LISTED:
+        lines.append(f"  ... and {len(bad) - MAX_LISTED} more")
+    return "\n".join(lines)
 
 
 def collate(batch: list[tuple[Tensor, dict[str, Any]]]) -> tuple[list[Tensor], list[dict[str, Any]]]:

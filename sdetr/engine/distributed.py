@@ -71,6 +71,15 @@ def mean_over_processes(values: dict[str, float], ctx: DistributedContext) -> di
     return dict(zip(keys, tensor.tolist(), strict=True))
 
 
+def all_processes(flag: bool, ctx: DistributedContext) -> bool:
+    """True when ``flag`` is true on every process (so all processes take the same branch)."""
+    if not ctx.enabled:
+        return flag
+    tensor = torch.tensor([0.0 if flag else 1.0], device=ctx.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item() == 0.0)
+
+
 def gather_objects(items: list[Any], ctx: DistributedContext) -> list[Any]:
     """Concatenate a list from every process (on every process)."""
     if not ctx.enabled:

@@ -6,6 +6,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
+from sdetr.config import get_config
+from sdetr.data.transforms import SCALES
+from sdetr.typed_fields import ConfigError, check_fields, field_types, unknown_field_message
+
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -49,9 +55,66 @@ class TrainConfig:
     probe_sites: str | None = None  # glob of attention sites to record on a fixed val batch
     probe_every: int = 1
     probe_images: int = 2
+    overwrite: bool = False  # replace a finished or interrupted run in output_dir instead of refusing
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field's type and range (the trainer calls it again before starting).
+
+        Raises:
+            ConfigError: naming the field (as its command-line flag) and the accepted values.
+        """
+        check_fields(self)
+        positive = (
+            "epochs",
+            "lr_drop",
+            "batch_size",
+            "synthetic_train",
+            "synthetic_val",
+            "probe_every",
+            "probe_images",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} {getattr(self, name)}: use a positive integer")
+        for name in ("eval_every", "num_workers", "seed", "synthetic_seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} {getattr(self, name)}: use 0 or more")
+        if self.max_train_images is not None and self.max_train_images < 1:
+            raise ConfigError(f"--max_train_images {self.max_train_images}: use a positive integer (or leave it out)")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr}: use a positive learning rate")
+        for name in ("lr_backbone", "weight_decay", "clip_max_norm", "encoder_loss"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} {getattr(self, name)}: use 0 or more")
+        if self.scale is not None and self.scale not in SCALES:
+            raise ConfigError(f"--scale {self.scale!r}: use one of {', '.join(SCALES)}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N") from None
+        if self.eval_only and not self.resume:
+            raise ConfigError("--eval needs --resume CHECKPOINT (the model to evaluate)")
+        try:
+            get_config(self.preset, **self.model_overrides)  # an unknown preset, field or a wrong type
+        except ConfigError as error:
+            raise type(error)(f"model overrides (--preset {self.preset} --set ...): {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "train config") -> TrainConfig:
+        """A config from :meth:`to_dict`'s output (as stored in checkpoints); unknown fields are refused."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a dict of TrainConfig fields, got {type(data).__name__}")
+        for name in data:
+            if name not in field_types(cls):
+                raise ConfigError(f"{where}: {unknown_field_message(cls, str(name))}")
+        return cls(**data)
 
 
 #: The original SDETR run: 150 epochs, lr drop at 100, batch 4 per GPU on 4 GPUs, COCO.

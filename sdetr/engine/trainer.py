@@ -18,14 +18,17 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from sdetr.build import build_model, count_parameters
-from sdetr.checkpoints import load_model, read_checkpoint, save_model
+from sdetr.checkpoints import FORMAT_KEY, CheckpointError, load_model, read_checkpoint, save_model
+from sdetr.config import ConfigError, ModelConfig
 from sdetr.data import CocoDetection, CocoPaths, SyntheticSpec, build_transforms, collate, generate_synthetic_coco
-from sdetr.data.coco import OnBadData
+from sdetr.data.annotations import OnBadData
 from sdetr.data.synthetic import synthetic_root
-from sdetr.engine import distributed
+from sdetr.engine import distributed, preflight
 from sdetr.engine.distributed import DistributedContext
 from sdetr.engine.evaluation import coco_stats, format_stats, to_coco_results, write_json_atomic
 from sdetr.engine.options import TrainConfig
+from sdetr.engine.preflight import PreflightError
+from sdetr.errors import UserError
 from sdetr.instrument import record
 from sdetr.model.criterion import CriterionConfig, SetCriterion
 from sdetr.model.detector import Detector
@@ -34,8 +37,15 @@ from sdetr.model.postprocess import postprocess
 CHECKPOINT_NAME = "checkpoint.pth"
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or infinite; training stops and the last good checkpoint is kept."""
+#: Entries of this project's training checkpoints that ``--resume`` needs.
+RESUME_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "epoch", "rng", "config")
+#: Learning-rate options that ``--resume`` takes from the run's config over the checkpoint's optimizer state.
+SCHEDULE_OPTIONS = ("lr", "lr_backbone", "weight_decay", "lr_drop")
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Predictions, a loss or the weights became NaN or infinite; training stops and the last good
+    checkpoint is kept (a checkpoint is never written with non-finite weights)."""
 
 
 @dataclass
@@ -90,15 +100,32 @@ class Trainer:
     """Builds data, model, optimiser and schedule from a :class:`TrainConfig` and runs them."""
 
     def __init__(self, config: TrainConfig, ctx: DistributedContext | None = None) -> None:
+        """Set everything up and run the pre-flight checks (:mod:`sdetr.engine.preflight`): any
+        problem that can be known before the first training step is raised here.
+
+        Raises:
+            ConfigError, PreflightError, BadDataError, CheckpointError: with the flag or file to fix.
+        """
+        config.validate()
         self.config = config
         self.ctx = ctx or distributed.setup(config.device)
         self.output_dir = Path(config.output_dir)
+        #: The last checkpoint known to be good (written by this run, or resumed from), and its epoch.
+        self.last_checkpoint: Path | None = None
+        self.last_epoch: int | None = None
+        self.notes: list[str] = []  # what the pre-flight changed or skipped (printed by the main process)
+        preflight.check_output_dir(config, self.output_dir / CHECKPOINT_NAME)
         torch.manual_seed(config.seed + self.ctx.rank)
         random.seed(config.seed + self.ctx.rank)
         self.data = prepare_data(config, self.ctx)
-        num_classes = max(self.data.train.coco.cats) + 1
+        splits = {"val": self.data.val} if config.eval_only else {"train": self.data.train, "val": self.data.val}
+        self.notes += preflight.check_images(splits, config.skip_bad_data, progress=self.ctx.is_main)
+        preflight.check_steps(config, len(self.data.train), len(self.data.val), self.ctx.world_size)
+        num_classes = max(max(self.data.train.coco.cats), max(self.data.val.coco.cats)) + 1
         self.start_epoch = 0
         self.model = self._build_model(num_classes)
+        preflight.check_classes(self.model, splits)
+        preflight.check_probe(self.model, config, self.data.val)
         self.n_parameters = count_parameters(self.model)
         self.criterion = SetCriterion(
             self.model.config.num_classes, CriterionConfig(encoder_weight=config.encoder_loss)
@@ -118,29 +145,100 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         if config.resume and not config.eval_only:
             self._resume(Path(config.resume))
+        elif config.overwrite and self.ctx.is_main:
+            removed = preflight.clear_run(self.output_dir)
+            if removed:
+                self.notes.append(f"--overwrite: removed the earlier run's {', '.join(p.name for p in removed)}")
+        distributed.barrier(self.ctx)
+        if self.ctx.is_main:
+            for note in self.notes:
+                tqdm.write(note)
 
     # ------------------------------------------------------------------ set-up
     def _build_model(self, num_classes: int) -> Detector:
         config = self.config
         if config.eval_only:
-            if not config.resume:
-                raise ValueError("--eval needs --resume CHECKPOINT (the model to evaluate)")
+            assert config.resume is not None  # TrainConfig.validate
             return load_model(config.resume, device=self.ctx.device)
         overrides = {"num_classes": num_classes, **config.model_overrides}
         return build_model(config.preset, **overrides).to(self.ctx.device)
 
     def _resume(self, path: Path) -> None:
+        """Continue a run: weights, optimiser, schedule, scaler and RNG states from ``path``.
+
+        The run's own options win over the checkpoint's (``lr``, ``lr_backbone``,
+        ``weight_decay`` and ``lr_drop`` are applied to the restored optimiser and schedule);
+        every difference is noted. A checkpoint of another architecture, an incomplete one or
+        one that already finished ``epochs`` is refused before training.
+        """
         state = read_checkpoint(path)
-        if "sdetr_format" not in state:  # an original checkpoint: weights only
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a checkpoint dict")
+        if FORMAT_KEY not in state:  # an original checkpoint: weights only
             self.model.load_state_dict(load_model(path).state_dict())
+            self.notes.append(f"--resume {path}: an original checkpoint; its weights only (epoch 0, fresh optimiser)")
             return
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["lr_scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch = int(state["epoch"]) + 1
-        rng = state["rng"][self.ctx.rank] if self.ctx.rank < len(state["rng"]) else state["rng"][0]
-        _set_rng_state(rng)
+        missing = [key for key in RESUME_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(
+                f"{path}: not a complete training checkpoint (missing {', '.join(missing)}); "
+                "it cannot be resumed (sdetr.load_model reads its weights)"
+            )
+        try:
+            saved_config = ModelConfig.from_dict(state["config"])
+        except ConfigError as error:
+            raise CheckpointError(f"{path}: its stored model config is not valid ({error})") from None
+        conflicts = preflight.config_differences(saved_config, self.model.config)
+        if conflicts:
+            raise PreflightError(
+                f"--resume {path}: the checkpoint's model differs from this run's (--preset/--set, or the data's "
+                "categories for num_classes):\n  " + "\n  ".join(conflicts) + "\nResume with the checkpoint's "
+                "options, or start a new run in another --output_dir"
+            )
+        epoch = state["epoch"]
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise CheckpointError(f"{path}: its 'epoch' entry is {epoch!r}, not an epoch number")
+        if epoch + 1 >= self.config.epochs:
+            raise PreflightError(
+                f"--resume {path}: that run finished epoch {epoch} ({epoch + 1} epoch(s)) and --epochs is "
+                f"{self.config.epochs}, so there is nothing left to train; pass --epochs N with N > {epoch + 1} "
+                "to train further, or --eval to evaluate it"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["lr_scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            rng = state["rng"][self.ctx.rank] if self.ctx.rank < len(state["rng"]) else state["rng"][0]
+            _set_rng_state(rng)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+            text = str(error).split("\n")[0]
+            raise CheckpointError(
+                f"{path}: its training state cannot be restored ({type(error).__name__}: {text})"
+            ) from None
+        self.start_epoch = epoch + 1
+        self.last_checkpoint, self.last_epoch = path, epoch
+        saved = state.get("train_config")
+        changes = preflight.flag_changes(saved, self.config) if isinstance(saved, dict) else {}
+        schedule = {name: change for name, change in changes.items() if name in SCHEDULE_OPTIONS}
+        if schedule:
+            self._apply_schedule_options()
+        for name, (old, new) in changes.items():
+            self.notes.append(f"--resume: --{name} {new!r} (the checkpoint's run had {old!r}); this run's value wins")
+
+    def _apply_schedule_options(self) -> None:
+        """Put this run's lr, lr_backbone, weight_decay and lr_drop into the restored optimiser and
+        schedule, at the point of the schedule the checkpoint reached."""
+        config = self.config
+        self.scheduler.step_size = config.lr_drop
+        decay = self.scheduler.gamma ** (self.scheduler.last_epoch // config.lr_drop)
+        bases = [config.lr, config.lr_backbone]
+        for index, (group, base) in enumerate(zip(self.optimizer.param_groups, bases, strict=True)):
+            group["initial_lr"] = base
+            group["lr"] = base * decay
+            group["weight_decay"] = config.weight_decay
+            self.scheduler.base_lrs[index] = base
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[attr-defined]
 
     def _loader(self, dataset: CocoDetection, train: bool, epoch: int = 0) -> DataLoader:
         subset: Any = dataset
@@ -182,14 +280,15 @@ class Trainer:
         for images, targets in bar:
             images = [image.to(self.ctx.device) for image in images]
             targets = _targets_to(targets, self.ctx.device)
-            losses = self.criterion(self._forward(images), targets)
+            outputs = self._forward(images)
+            self._check_outputs(outputs, f"epoch {epoch}, step {steps}")  # before the matcher sees them
+            losses = self.criterion(outputs, targets)
             logged = distributed.mean_over_processes({k: float(v.detach()) for k, v in losses.items()}, self.ctx)
-            if not math.isfinite(logged["total"]):
-                bad = {k: v for k, v in logged.items() if not math.isfinite(v)}
+            bad = {k: v for k, v in logged.items() if not math.isfinite(v)}
+            if bad:
                 raise NonFiniteLossError(
                     f"non-finite loss at epoch {epoch}, step {steps} (non-finite: {bad}; total {logged['total']}). "
-                    f"Training stopped; the last good checkpoint is {self.output_dir / CHECKPOINT_NAME} "
-                    "(if an epoch finished). Lower --lr or use --clip_max_norm."
+                    f"Training stopped; {self._last_good()}. Lower --lr or use --clip_max_norm."
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(losses["total"]).backward()
@@ -219,6 +318,7 @@ class Trainer:
             images = [image.to(self.ctx.device) for image in images]
             targets = _targets_to(targets, self.ctx.device)
             outputs = self._forward(images)
+            self._check_outputs(outputs, f"evaluation step {steps}")
             for key, value in self.criterion(outputs, targets).items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             steps += 1
@@ -247,11 +347,16 @@ class Trainer:
         return rec.save(self.output_dir / "recordings" / f"epoch_{epoch:04d}.safetensors")
 
     def save_checkpoint(self, epoch: int) -> Path | None:
-        """All processes' RNG states are gathered; the main process writes atomically."""
+        """All processes' RNG states are gathered; the main process writes atomically.
+
+        Raises:
+            NonFiniteLossError: the weights are not all finite (nothing is written).
+        """
+        self._check_weights(f"the end of epoch {epoch}")
         rng = distributed.gather_objects([_rng_state()], self.ctx)
         if not self.ctx.is_main:
             return None
-        return save_model(
+        path = save_model(
             self.model,
             self.output_dir / CHECKPOINT_NAME,
             optimizer=self.optimizer.state_dict(),
@@ -260,6 +365,39 @@ class Trainer:
             epoch=epoch,
             rng=rng,
             train_config=self.config.to_dict(),
+        )
+        self.last_checkpoint, self.last_epoch = path, epoch
+        return path
+
+    # ------------------------------------------------------------------ finite checks
+    def _last_good(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint is {self.last_checkpoint} (epoch {self.last_epoch})"
+
+    def _check_outputs(self, outputs: dict[str, Any], where: str) -> None:
+        """Stop with :class:`NonFiniteLossError` if any prediction of any process is NaN or infinite."""
+        tensors = _prediction_tensors(outputs)
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all())
+        if distributed.all_processes(finite, self.ctx):
+            return
+        names = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        source = shown if names else "on another process"
+        raise NonFiniteLossError(
+            f"non-finite predictions at {where} ({source}), before the losses: the weights diverged. "
+            f"Training stopped; {self._last_good()}. Lower --lr or use --clip_max_norm."
+        )
+
+    def _check_weights(self, where: str) -> None:
+        """Stop with :class:`NonFiniteLossError` if a parameter is NaN or infinite (so it is never saved)."""
+        parameters = dict(self.model.named_parameters())
+        if bool(torch.stack([torch.isfinite(p).all() for p in parameters.values()]).all()):
+            return
+        names = [name for name, p in parameters.items() if not torch.isfinite(p).all()]
+        raise NonFiniteLossError(
+            f"non-finite weights at {where} ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}); "
+            f"no checkpoint was written. Training stopped; {self._last_good()}. Lower --lr or use --clip_max_norm."
         )
 
     def fit(self) -> list[dict[str, Any]]:
@@ -271,6 +409,7 @@ class Trainer:
         for epoch in range(self.start_epoch, config.epochs):
             start = time.perf_counter()
             train_stats = self.train_one_epoch(epoch)
+            self._check_weights(f"the end of epoch {epoch}")  # before evaluation and saving
             self.scheduler.step()
             entry: dict[str, Any] = {f"train_{k}": v for k, v in train_stats.items()}
             last = epoch == config.epochs - 1
@@ -301,6 +440,16 @@ class Trainer:
         if self.ctx.is_main:
             print(format_stats(stats))
         return [{"test_coco_eval_bbox": stats, **{f"test_{k}": v for k, v in losses.items()}}]
+
+
+def _prediction_tensors(outputs: dict[str, Any]) -> dict[str, Tensor]:
+    """Every prediction tensor of the model's outputs by a readable name (``aux_outputs[2].pred_boxes``)."""
+    tensors = {key: outputs[key] for key in ("pred_logits", "pred_boxes")}
+    for group in ("aux_outputs", "encoder_outputs"):
+        for index, part in enumerate(outputs.get(group, [])):
+            for key in ("pred_logits", "pred_boxes"):
+                tensors[f"{group}[{index}].{key}"] = part[key]
+    return tensors
 
 
 def _float_outputs(outputs: dict[str, Any]) -> dict[str, Any]:

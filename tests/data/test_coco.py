@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from sdetr.data import BadDataError, CocoDetection, CocoPaths, build_transforms, collate
+from sdetr.data import BadDataError, CocoDetection, CocoPaths, build_transforms, collate, load_coco
 
 
 def write_coco(
@@ -101,12 +101,40 @@ def test_unreadable_image(tmp_path: Path) -> None:
     paths = write_coco(tmp_path, GOOD)
     (paths.images / "2.png").write_bytes(b"not a png")
     strict = CocoDetection(paths, build_transforms("synthetic", train=False))
-    with pytest.raises(BadDataError, match=r"2\.png: image 2 is unreadable"):
+    with pytest.raises(BadDataError, match=r"2\.png: image 2 is unreadable .*verify_images"):
         strict[1]
     lenient = CocoDetection(paths, build_transforms("synthetic", train=False), on_bad_data="skip")
-    with pytest.warns(UserWarning, match="skipping unreadable image 2"):
-        _, target = lenient[1]
-    assert target["image_id"] == 3
+    with pytest.raises(BadDataError, match=r"2\.png: image 2 is unreadable"):
+        lenient[1]  # never replaced by another image
+
+
+def test_verify_images_reports_every_bad_file_at_once(tmp_path: Path) -> None:
+    """Issue 11: bad images were found one by one, mid-epoch, and named by id only."""
+    paths = write_coco(tmp_path, GOOD)
+    (paths.images / "1.png").write_bytes(b"not a png")
+    good = (paths.images / "3.png").read_bytes()
+    (paths.images / "3.png").write_bytes(good[: len(good) // 2])  # truncated
+    strict = CocoDetection(paths, build_transforms("synthetic", train=False))
+    with pytest.raises(BadDataError) as caught:
+        strict.verify_images()
+    message = str(caught.value)
+    assert message.startswith(f"2 image file(s) of {paths.images} cannot be used:")
+    assert f"{paths.images / '1.png'} (image 1) is unreadable" in message
+    assert f"{paths.images / '3.png'} (image 3) is unreadable" in message
+    assert "2.png" not in message
+    lenient = CocoDetection(paths, build_transforms("synthetic", train=False), on_bad_data="skip")
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\).*\n.*1\.png.*\n.*3\.png"):
+        lenient.verify_images()
+    assert lenient.ids == [2] and len(lenient) == 1 and lenient.skipped == {"unreadable images": 2}
+    assert lenient[0][1]["image_id"] == 2
+
+
+def test_an_image_of_another_size_than_its_entry_is_bad(tmp_path: Path) -> None:
+    paths = write_coco(tmp_path, GOOD)
+    Image.new("RGB", (60, 80)).save(paths.images / "2.png")  # transposed
+    dataset = CocoDetection(paths, build_transforms("synthetic", train=False))
+    with pytest.raises(BadDataError, match=r"2\.png \(image 2\) is 60x80 pixels but its entry says 80x60"):
+        dataset.verify_images()
 
 
 def test_images_without_objects_are_kept_and_counted_or_skipped(tmp_path: Path) -> None:
@@ -127,3 +155,91 @@ def test_missing_and_broken_annotation_files(tmp_path: Path) -> None:
     (tmp_path / "annotations" / "instances_val2017.json").write_text("[1, 2]")
     with pytest.raises(BadDataError, match="not a COCO annotation file"):
         CocoDetection(CocoPaths(tmp_path, "val"), None)
+
+
+def write_payload(tmp_path: Path, payload: Any) -> Path:
+    path = tmp_path / "instances_val2017.json"
+    path.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+    return path
+
+
+IMAGE = {"id": 1, "file_name": "1.png", "width": 80, "height": 60}
+CATEGORY = {"id": 1, "name": "a"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ("{", "not a COCO annotation file .invalid JSON"),
+        ({}, "not a COCO annotation file .no 'images' list"),
+        ({"images": [], "categories": []}, "no usable categories"),
+        ({"images": {}, "categories": [CATEGORY]}, "'images' is a dict, not a list"),
+        ({"images": [], "categories": [CATEGORY], "annotations": 3}, "'annotations' is a int, not a list"),
+        ({"images": [IMAGE], "categories": [{"name": "a"}]}, r"categories\[0\]: field 'id' is None"),
+        ({"images": [IMAGE], "categories": [{"id": 10**9}]}, r"field 'id' is 1000000000; expected an integer in"),
+        ({"images": [IMAGE], "categories": [CATEGORY, CATEGORY]}, "category id 1 appears more than once"),
+        ({"images": [{**IMAGE, "width": 0}], "categories": [CATEGORY]}, r"image 1 \(1.png\): field 'width' is 0"),
+        ({"images": [{**IMAGE, "height": "60"}], "categories": [CATEGORY]}, "field 'height' is '60'"),
+        ({"images": [{**IMAGE, "file_name": None}], "categories": [CATEGORY]}, "field 'file_name' is None"),
+        ({"images": [IMAGE, IMAGE], "categories": [CATEGORY]}, "image id 1 appears more than once"),
+        ({"images": ["1.png"], "categories": [CATEGORY]}, r"images\[0\] is a str, not an object"),
+    ],
+)
+def test_malformed_files_and_entries_name_the_file_and_field(tmp_path: Path, payload: Any, message: str) -> None:
+    """Issue 11: ``{}`` or empty categories gave ``max() arg is an empty sequence``."""
+    path = write_payload(tmp_path, payload)
+    with pytest.raises(BadDataError, match=rf"instances_val2017\.json.*{message}"):
+        load_coco(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"bbox": [10, 10, float("nan"), 5]}, r"field 'bbox' is \[10, 10, nan, 5\]; expected 4 finite numbers"),
+        ({"bbox": [10, 10, float("inf"), 5]}, "field 'bbox' is .*inf"),
+        ({"bbox": "10 10 5 5"}, "field 'bbox' is '10 10 5 5'"),
+        ({"bbox": [10, 10, 5]}, r"field 'bbox' is \[10, 10, 5\]"),
+        ({"bbox": [10, 10, True, 5]}, "field 'bbox' is"),
+        ({"bbox": None}, "field 'bbox' is None"),
+        ({"area": float("nan")}, "field 'area' is nan"),
+        ({"area": -1}, "field 'area' is -1"),
+        ({"iscrowd": 2}, "field 'iscrowd' is 2; expected 0 or 1"),
+        ({"image_id": "1"}, "refers to image_id '1'"),
+        ({"category_id": 1.0}, "has category_id 1.0"),
+    ],
+)
+def test_every_annotation_field_is_checked(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    """Issue 11: a NaN bbox width became a full-width box; a string bbox a raw TypeError."""
+    paths = write_coco(tmp_path, [*GOOD, {**ann(9, 1, [1, 1, 5, 5]), **change}])
+    with pytest.raises(BadDataError, match=rf"instances_train2017\.json: annotation 9 .*{message}.*skip_bad_data"):
+        CocoDetection(paths, build_transforms("synthetic", train=False))
+    with pytest.warns(UserWarning, match="skipped 1 "):
+        dataset = CocoDetection(paths, build_transforms("synthetic", train=False), on_bad_data="skip")
+    assert sum(dataset.skipped.values()) == 1 and len(dataset) == 3
+    assert 9 not in dataset.coco.anns  # left out of the ground truth for evaluation too
+    assert dataset.targets[1][0].tolist() == [[5.0, 5.0, 25.0, 15.0]]
+
+
+def test_missing_bbox_and_missing_id(tmp_path: Path) -> None:
+    no_bbox = {"id": 9, "image_id": 1, "category_id": 1}
+    paths = write_coco(tmp_path / "a", [*GOOD, no_bbox])
+    with pytest.raises(BadDataError, match=r"annotation 9 \(image 1\): field 'bbox' is missing"):
+        CocoDetection(paths, build_transforms("synthetic", train=False))
+    paths = write_coco(tmp_path / "b", [*GOOD, {"image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2]}])
+    with pytest.raises(BadDataError, match=r"annotations\[3\]: field 'id' is None; expected an integer"):
+        CocoDetection(paths, build_transforms("synthetic", train=False))
+    with pytest.warns(UserWarning, match="skipped 1 annotations with bad fields"):
+        CocoDetection(paths, build_transforms("synthetic", train=False), on_bad_data="skip")
+
+
+def test_missing_area_and_iscrowd_get_coco_defaults(tmp_path: Path) -> None:
+    path = write_payload(
+        tmp_path,
+        {
+            "images": [IMAGE],
+            "categories": [CATEGORY],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}],
+        },
+    )
+    coco = load_coco(path)
+    assert coco.anns[1]["area"] == 12.0 and coco.anns[1]["iscrowd"] == 0
