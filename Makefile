@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck unit benchmark clean
+.PHONY: setup demo test lint typecheck unit benchmark notebooks strip-notebooks clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,18 @@ test: lint typecheck unit
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/attention_overhead.py
+
+# JupyterLab in the project's environment, opened on notebooks/ (each notebook trains the small
+# model it needs when given no checkpoint; set SDETR_CACHE to choose where it is cached).
+notebooks: $(STAMP)
+	$(PY) -m jupyter lab notebooks/
+
+# Clear outputs, execution counts and saved widget state before committing (make test checks it).
+strip-notebooks: $(STAMP)
+	$(PY) -m jupyter nbconvert --clear-output --inplace \
+		--ClearMetadataPreprocessor.enabled=True --ClearMetadataPreprocessor.clear_cell_metadata=False \
+		--ClearMetadataPreprocessor.preserve_nb_metadata_mask='[("kernelspec",), ("language_info",)]' \
+		notebooks/*.ipynb
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache outputs
