@@ -153,6 +153,14 @@ class Recorder(BaseProbe, Mapping[str, SiteGrids]):
         self._grids: dict[str, SiteGrids] = {}
         self._batch: tuple[tuple[int, int], tuple[tuple[int, int], ...]] | None = None
         self._stage_masks: dict[int, Tensor] = {}
+        self._stack: ExitStack | None = None  # set while the `with` block is active
+        num_queries = model.config.num_queries
+        wrong = [i for i in selection.decoder_queries or () if not 0 <= i < num_queries]
+        if wrong:
+            raise ValueError(
+                f"decoder_queries={list(selection.decoder_queries or ())}: {wrong} are not queries of this model, "
+                f"which has {num_queries} (indices 0..{num_queries - 1})"
+            )
         for name, info in self.infos.items():
             if not selection.heads_at(info):
                 raise ValueError(
@@ -304,6 +312,11 @@ class Recorder(BaseProbe, Mapping[str, SiteGrids]):
 
     # ------------------------------------------------------------------ lifetime
     def __enter__(self) -> Recorder:
+        if self._stack is not None:
+            raise RuntimeError(
+                "this recorder is already active (its `with` block has not ended); a recorder is entered once "
+                "at a time - use a second record(...) for a nested recording"
+            )
         self._stack = ExitStack()
         try:
             self._stack.enter_context(attached(self, self.modules.values()))
@@ -314,11 +327,14 @@ class Recorder(BaseProbe, Mapping[str, SiteGrids]):
                 self._stack.callback(handle.remove)
         except BaseException:
             self._stack.close()
+            self._stack = None
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the kept grids to ``path`` (see :mod:`sdetr.instrument.storage`)."""

@@ -137,7 +137,8 @@ class Detector(nn.Module):
         self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None, encoder_outputs: bool = False
     ) -> dict:
         """Args:
-            images: ``[B, 3, H, W]`` normalised images, or a list of ``[3, H_i, W_i]`` ones.
+            images: ``[B, 3, H, W]`` normalised images, or a list of ``[3, H_i, W_i]`` ones, of any
+                float dtype (converted to the model's) and finite (a NaN or inf pixel is refused).
             mask: optional ``[B, H, W]`` bool pad mask (True = padded) for a tensor input.
             encoder_outputs: also apply the shared heads to every cell of each stage's encoder
                 output (for :mod:`sdetr.model.encoder_loss`; training only).
@@ -149,7 +150,9 @@ class Detector(nn.Module):
             ``pred_boxes [B, h, w, 4]`` and the cells' pad ``mask [B, h, w]``.
         """
         batch = ImageBatch.from_input(images, mask)
-        features = self.backbone(batch.tensors, batch.mask)
+        weight = self.class_embed.weight  # inputs follow the model: float16/float64 images are converted
+        pixels = batch.tensors.to(device=weight.device, dtype=weight.dtype)  # [B, 3, H, W]
+        features = self.backbone(pixels, batch.mask.to(weight.device))
         tgt: Tensor | None = None
         decoded = []
         dense: list[Prediction] = []

@@ -55,6 +55,7 @@ class ImageBatch:
             if images.shape[0] == 0:
                 raise ValueError("images is an empty batch (B = 0); pass at least one image")
             _check_image(images[0], "images[0]")
+            _check_finite(images)
             if mask is None:
                 mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
             elif mask.shape != (images.shape[0], *images.shape[-2:]) or mask.dtype != torch.bool:
@@ -74,6 +75,7 @@ class ImageBatch:
             if image.dim() != 3:
                 raise ValueError(f"images[{index}] has shape {tuple(image.shape)}; expected [3, H, W]")
             _check_image(image, f"images[{index}]")
+            _check_finite(image[None], index)
         height = max(image.shape[1] for image in images)
         width = max(image.shape[2] for image in images)
         first = images[0]
@@ -91,8 +93,22 @@ def valid_extent(mask: Tensor) -> Tensor:
     return torch.stack((not_mask.any(dim=2).sum(dim=1), not_mask.any(dim=1).sum(dim=1)), dim=1)
 
 
+def _check_finite(images: Tensor, first_index: int = 0) -> None:
+    """``images [B, 3, H, W]``: every pixel finite (one NaN or inf spreads to every prediction of its image)."""
+    finite = torch.isfinite(images).flatten(1).all(dim=1)  # [B]
+    if bool(finite.all()):
+        return
+    bad = [first_index + int(i) for i in torch.nonzero(~finite).flatten()]
+    count = int((~torch.isfinite(images[bad[0] - first_index])).sum())
+    others = f" (and images {bad[1:]})" if len(bad) > 1 else ""
+    raise ValueError(
+        f"images[{bad[0]}] has {count} non-finite pixel value(s) (NaN or inf){others}; "
+        "the model would predict NaN for it. Check the image file or the preprocessing"
+    )
+
+
 def _check_image(image: Tensor, name: str) -> None:
-    """``image [3, H, W]``: three channels, floating point, non-empty."""
+    """``image [3, H, W]``: three channels, floating point, non-empty (any float dtype: the model converts)."""
     if image.shape[0] != 3:
         raise ValueError(f"{name} has {image.shape[0]} channels; the backbone expects 3 (RGB) in [3, H, W]")
     if not image.is_floating_point():

@@ -231,3 +231,30 @@ def test_keep_graph_gives_gradients_of_a(tiny: Detector) -> None:
     grad = g.a_grad()
     assert grad.shape == (1, 1, 4, 4, 4, 4) and grad.abs().sum() > 0
     tiny.zero_grad()
+
+
+def test_a_recorder_refuses_re_entry_and_leaves_nothing_behind(tiny: Detector, batch) -> None:  # type: ignore[no-untyped-def]
+    """Issue 11: entering the same recorder twice leaked hooks; the next plain forward raised RecordingBudgetError."""
+    images, mask = batch
+    rec = record(tiny, sites="stage1.encoder.0.self_attn", budget_bytes=1)
+    with rec:
+        with pytest.raises(RuntimeError, match="already active"), rec:
+            pass
+        assert tiny.attention_sites()["stage1.encoder.0.self_attn"].probes == [rec]  # still recording once
+    assert all(not site.probes for site in tiny.attention_sites().values())
+    assert not tiny.backbone._forward_pre_hooks
+    with torch.no_grad():
+        tiny(images, mask)  # no budget error: nothing is attached any more
+    with rec:  # a recorder may be used again after its block ended
+        pass
+    with record(tiny, sites="stage1.*") as outer, record(tiny, sites="stage2.*") as inner, torch.no_grad():
+        tiny(images, mask)  # two recorders nest
+    assert sorted(outer)[0].startswith("stage1.") and sorted(inner)[0].startswith("stage2.")
+
+
+def test_decoder_queries_outside_the_model_are_refused_before_the_forward(tiny: Detector) -> None:
+    """Issue 11: ``decoder_queries=[999]`` gave an IndexError in the middle of the forward."""
+    with pytest.raises(
+        ValueError, match=r"decoder_queries=\[3, 999, -1\]: \[999, -1\] are not queries .* 20 \(indices 0..19\)"
+    ):
+        record(tiny, sites="stage1.decoder.*", decoder_queries=[3, 999, -1])
