@@ -77,8 +77,14 @@ def _targets_to(targets: list[Target], device: torch.device) -> list[Target]:
 
 def normalise_per_site(importance: pd.DataFrame) -> pd.Series:
     """``importance / ||importance of the site||_2`` per site (a site whose importances are all 0 stays 0)."""
-    norms = importance.groupby("site", sort=False)["importance"].transform(lambda x: float(np.sqrt((x**2).sum())))
+    norms = importance.groupby("site", sort=False)["importance"].transform(_l2_norm)
     return (importance["importance"] / norms.where(norms > 0, 1.0)).astype(float)
+
+
+def _l2_norm(values: pd.Series) -> float:
+    """``sqrt(sum x^2)``, scaled by the largest ``|x|`` first so tiny values do not underflow to 0."""
+    largest = float(values.abs().max())
+    return 0.0 if largest == 0 else largest * float(np.sqrt(((values / largest) ** 2).sum()))
 
 
 def head_importance(
