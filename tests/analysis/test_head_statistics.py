@@ -38,6 +38,7 @@ from sdetr import (
     generate_synthetic_coco,
     record,
 )
+from sdetr.data import Scale
 
 
 def geometry(valid: list[tuple[int, int]], size: tuple[int, int] | None = None, stride: int = 16) -> GridGeometry:
@@ -340,7 +341,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> CocoDetection:
     cache = tmp_path_factory.mktemp("cache")
     spec = SyntheticSpec(height=64, width=96, num_train=2, num_val=2, min_side=12, seed=5)
     root = generate_synthetic_coco(spec, cache_dir=cache)
-    return CocoDetection(CocoPaths(root, "val"), build_transforms("synthetic", False))
+    native = Scale(train_sizes=(64,), max_size=96, crop_resize=(64,), crop_range=(64, 64), val_size=64)
+    return CocoDetection(CocoPaths(root, "val"), build_transforms(native, False))  # kept at 64x96
 
 
 def test_coco_dataset_gives_object_mass(tiny: Detector, dataset: CocoDetection) -> None:
