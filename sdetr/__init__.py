@@ -7,6 +7,7 @@ Public API::
     out = model(images)                    # [B, 3, H, W] normalised, or a list of [3, H, W]
 """
 
+from sdetr.atomic_files import atomic_path
 from sdetr.build import build_model, count_parameters
 from sdetr.checkpoints import CheckpointError, load_model, save_model, to_original_state_dict
 from sdetr.config import PRESETS, ConfigError, ModelConfig, StageConfig, get_config
@@ -100,6 +101,8 @@ __all__ = [
     "save_recording",
     "sites",
     "weights_sha256",
+    # files
+    "atomic_path",
     # models and checkpoints
     "CheckpointError",
     "ConfigError",
