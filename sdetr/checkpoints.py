@@ -178,25 +178,51 @@ def _heads(template: int | tuple[int, ...], layers: int, override: int | None) -
 # ---------------------------------------------------------------- reading files
 
 
+#: How a ``torch.save`` file starts: a zip archive (the default since PyTorch 1.6) or a legacy pickle.
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
 def read_checkpoint(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` (only ``argparse.Namespace`` allowed) with clear errors."""
+    """``torch.load(weights_only=True)`` (only ``argparse.Namespace`` allowed) with clear errors.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: a folder, not a ``torch.save`` file, truncated or corrupt, or holding
+            Python objects other than tensors and containers (refused, never executed).
+    """
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass the checkpoint file in it (e.g. {path / 'checkpoint.pth'})")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(4)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
+    if not head.startswith(_TORCH_MAGIC):
+        what = "an empty file" if not head else f"a file starting with {head!r}"
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint ({what}; torch.save writes a zip archive). "
+            "Check the path, or download or save it again."
+        )
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for bad files
-        text = str(error).split("\n")[0]
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        message = str(error)
+        if "Unsupported global" in message:
+            found = re.search(r"GLOBAL (\S+)", message)
+            culprit = f"; it refers to {found.group(1)}" if found else ""
             raise CheckpointError(
                 f"{path}: refused to load - it contains Python objects other than tensors and "
-                f"argparse.Namespace, which weights_only loading never executes ({text}). "
+                f"argparse.Namespace, which weights_only loading never executes{culprit}. "
                 "Re-save only the state dict from a trusted environment."
-            ) from error
+            ) from None
+        text = message.split("\n")[0] or "end of file"
         raise CheckpointError(
             f"{path}: could not be read as a PyTorch checkpoint ({type(error).__name__}: {text}). "
             "The file is probably truncated or corrupt; download or save it again."
-        ) from error
+        ) from None
 
 
 def _split(obj: Any, source: str) -> tuple[dict[str, Tensor], Any, dict[str, Any] | None]:
@@ -204,7 +230,12 @@ def _split(obj: Any, source: str) -> tuple[dict[str, Tensor], Any, dict[str, Any
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source}: holds a {type(obj).__name__}, not a checkpoint dict")
     if FORMAT_KEY in obj:
-        return dict(obj["model"]), None, dict(obj["config"])
+        model, config = obj.get("model"), obj.get("config")
+        if not isinstance(model, Mapping) or not all(isinstance(v, Tensor) for v in model.values()):
+            raise CheckpointError(f"{source}: an sdetr checkpoint without a 'model' state dict of tensors")
+        if not isinstance(config, Mapping):
+            raise CheckpointError(f"{source}: an sdetr checkpoint without its 'config' dict")
+        return dict(model), None, dict(config)
     args = obj.get("args")
     state = obj.get("model", obj)
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -212,7 +243,7 @@ def _split(obj: Any, source: str) -> tuple[dict[str, Tensor], Any, dict[str, Any
             f"{source}: no state dict found (expected a 'model' entry of tensors, as in the "
             f"original SDETR/DETR files; top-level keys: {sorted(map(str, obj))[:10]})"
         )
-    renamed = {rename_original_key(k): v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    renamed = {rename_original_key(str(k)): v for k, v in state.items() if not str(k).endswith("num_batches_tracked")}
     return renamed, args, None
 
 
@@ -262,6 +293,10 @@ def load_model(
                 config = infer_config(state, args, get_config(preset) if preset else None)
             except CheckpointError as error:
                 raise CheckpointError(f"{name}: {error}") from None
+            except (ConfigError, ValueError, TypeError, KeyError, IndexError, StopIteration) as error:
+                raise CheckpointError(
+                    f"{name}: its weights and args do not describe an SDETR/DETR model ({type(error).__name__}: {error})"
+                ) from None
     model = Detector(config)
     mismatch = compare_keys(model, state)
     if mismatch:

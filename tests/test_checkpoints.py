@@ -178,3 +178,30 @@ def test_a_checkpoint_with_a_bad_stored_config_names_the_file_and_field(tmp_path
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=r"c\.pth: its stored model config .*norm_first: expected true or false"):
         load_model(path)
+
+
+def test_each_kind_of_bad_checkpoint_file_gets_its_own_message(tmp_path: Path) -> None:
+    """Issue 11: random bytes were reported as 'contains Python objects'; a folder as missing."""
+    (tmp_path / "random.pth").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(CheckpointError, match=r"random\.pth: not a PyTorch checkpoint \(a file starting with b'\\x00"):
+        load_model(tmp_path / "random.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty\.pth: not a PyTorch checkpoint \(an empty file"):
+        load_model(tmp_path / "empty.pth")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(
+        CheckpointError, match=r"run is a folder; pass the checkpoint file in it \(e\.g\. .*checkpoint\.pth\)"
+    ):
+        load_model(tmp_path / "run")
+    torch.save({"model": {}, "payload": _Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"evil\.pth: refused to load - it contains Python objects .*; it refers to print\."):
+        load_model(tmp_path / "evil.pth")
+    torch.save({"sdetr_format": 1, "config": {}}, tmp_path / "no_model.pth")
+    with pytest.raises(CheckpointError, match=r"no_model\.pth: an sdetr checkpoint without a 'model' state dict"):
+        load_model(tmp_path / "no_model.pth")
+    torch.save({"sdetr_format": 1, "model": {}, "config": [1]}, tmp_path / "no_config.pth")
+    with pytest.raises(CheckpointError, match=r"no_config\.pth: an sdetr checkpoint without its 'config' dict"):
+        load_model(tmp_path / "no_config.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match=r"list\.pth: holds a list, not a checkpoint dict"):
+        load_model(tmp_path / "list.pth")

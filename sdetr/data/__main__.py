@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from sdetr.data.synthetic import SyntheticSpec, generate_synthetic_coco
+from sdetr.errors import USER_ERROR_EXIT, UserError
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Generate the set; returns the exit status (2 for bad options, printed as one line)."""
     parser = argparse.ArgumentParser(description="Generate the synthetic COCO-layout dataset.")
     defaults = SyntheticSpec()
     parser.add_argument("--height", type=int, default=defaults.height)
@@ -23,18 +26,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--cache_dir", default=None, help="default: $SDETR_CACHE or ~/.cache/sdetr")
     args = parser.parse_args(argv)
-    spec = SyntheticSpec(
-        args.height,
-        args.width,
-        args.num_train,
-        args.num_val,
-        args.max_objects,
-        defaults.min_side,
-        args.seed,
-        class_hues=not args.any_colour,
-    )
-    print(generate_synthetic_coco(spec, args.cache_dir))
+    try:
+        spec = SyntheticSpec(
+            args.height,
+            args.width,
+            args.num_train,
+            args.num_val,
+            args.max_objects,
+            defaults.min_side,
+            args.seed,
+            class_hues=not args.any_colour,
+        )
+        print(generate_synthetic_coco(spec, args.cache_dir))
+    except (UserError, PermissionError, NotADirectoryError) as error:
+        print(f"python -m sdetr.data: error: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,11 +28,16 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from tqdm import tqdm
 
+from sdetr.data.annotations import BadDataError, read_annotation_json
+from sdetr.typed_fields import ConfigError, check_fields
+
 CLASSES = ("rectangle", "ellipse", "triangle", "cross")
 #: Centre of each class's hue band (red, green, blue, yellow-orange) when ``class_hues`` is on.
 CLASS_HUES = (0.0, 0.33, 0.62, 0.13)
 HUE_SPREAD = 0.05
 FORMAT_VERSION = 1
+#: Smallest image side (the backbone needs 32 x 32 pixels).
+MIN_SIDE = 32
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,24 @@ class SyntheticSpec:
     min_side: int = 10
     seed: int = 0
     class_hues: bool = True  # each class filled from its own hue band; False: any colour
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("num_train", "num_val", "max_objects", "min_side"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"SyntheticSpec {name}={getattr(self, name)}: use a positive integer")
+        if min(self.height, self.width) < MIN_SIDE:
+            raise ConfigError(
+                f"SyntheticSpec height={self.height}, width={self.width}: images need at least {MIN_SIDE} pixels "
+                "per side (the backbone's smallest input)"
+            )
+        if self.min_side > 0.75 * min(self.height, self.width):
+            raise ConfigError(
+                f"SyntheticSpec min_side={self.min_side}: objects cannot be larger than 3/4 of the image's "
+                f"shorter side ({0.75 * min(self.height, self.width):g} pixels)"
+            )
+        if self.seed < 0:
+            raise ConfigError(f"SyntheticSpec seed={self.seed}: use 0 or more")
 
     def key(self) -> str:
         payload = json.dumps({"format": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
@@ -181,7 +204,8 @@ def generate_synthetic_coco(spec: SyntheticSpec | None = None, cache_dir: str | 
     spec = spec or SyntheticSpec()
     root = synthetic_root(spec, cache_dir)
     cache = root.parent
-    if (root / "annotations" / "instances_val2017.json").is_file():
+    if root.exists():
+        _check_cached(root, spec)
         return root
     cache.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{spec.key()}.", dir=cache))
@@ -197,6 +221,24 @@ def generate_synthetic_coco(spec: SyntheticSpec | None = None, cache_dir: str | 
         if building.exists():
             shutil.rmtree(building, ignore_errors=True)
     return root
+
+
+def _check_cached(root: Path, spec: SyntheticSpec) -> None:
+    """A cached set is complete and was made from ``spec`` (else a clear error: delete the folder)."""
+    for split in ("train", "val"):
+        annotations = root / "annotations" / f"instances_{split}2017.json"
+        try:
+            stored = read_annotation_json(annotations).get("info", {}).get("spec")
+        except (FileNotFoundError, BadDataError, AttributeError) as error:
+            raise BadDataError(
+                f"the cached synthetic set {root} is incomplete or damaged ({annotations}: {error}); "
+                "delete that folder and it is generated again"
+            ) from None
+        if stored != asdict(spec):
+            raise BadDataError(
+                f"the cached synthetic set {root} was not made from this spec ({annotations} records {stored!r}); "
+                "delete that folder and it is generated again"
+            )
 
 
 def synthetic_image(height: int, width: int, seed: int = 0, shapes: int = 4) -> Tensor:

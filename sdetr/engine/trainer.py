@@ -175,7 +175,7 @@ class Trainer:
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a checkpoint dict")
         if FORMAT_KEY not in state:  # an original checkpoint: weights only
-            self.model.load_state_dict(load_model(path).state_dict())
+            self.model.load_state_dict(load_model(path, config=self.model.config).state_dict())
             self.notes.append(f"--resume {path}: an original checkpoint; its weights only (epoch 0, fresh optimiser)")
             return
         missing = [key for key in RESUME_KEYS if key not in state]

@@ -5,11 +5,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdetr.data import SyntheticSpec, generate_synthetic_coco, load_coco, synthetic_image
+from sdetr.config import ConfigError
+from sdetr.data import BadDataError, SyntheticSpec, generate_synthetic_coco, load_coco, synthetic_image
 from sdetr.data.__main__ import main as generate_command
 from sdetr.data.synthetic import CLASS_HUES, CLASSES, HUE_SPREAD, fill_colour
 
@@ -80,3 +82,45 @@ def test_any_colour_is_a_different_set(tmp_path: Path) -> None:
     first = generate_synthetic_coco(hues, tmp_path) / "train2017" / "000000.png"
     second = generate_synthetic_coco(any_colour, tmp_path) / "train2017" / "000000.png"
     assert first.read_bytes() != second.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num_train", "-3"], "num_train=-3: use a positive integer"),
+        (["--num_val", "0"], "num_val=0: use a positive integer"),
+        (["--height", "8"], "height=8, width=256: images need at least 32 pixels"),
+        (["--max_objects", "0"], "max_objects=0: use a positive integer"),
+        (["--seed", "-1"], "seed=-1: use 0 or more"),
+    ],
+)
+def test_generator_command_refuses_bad_options_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    """Issue 11: ``--num_train -3`` built a folder; ``--height 8`` and ``--max_objects 0`` failed inside numpy."""
+    assert generate_command([*argv, "--cache_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m sdetr.data: error: SyntheticSpec ") and message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # nothing built
+
+
+def test_spec_fields_are_type_checked() -> None:
+    with pytest.raises(ConfigError, match=r"height: expected an integer, got 64\.5"):
+        SyntheticSpec(height=64.5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="class_hues: expected true or false, got 'no'"):
+        SyntheticSpec(class_hues="no")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="min_side=100: objects cannot be larger than 3/4"):
+        SyntheticSpec(height=64, width=96, min_side=100)
+
+
+def test_a_damaged_cache_folder_is_a_clear_error(tmp_path: Path) -> None:
+    spec = SyntheticSpec(height=64, width=96, num_train=2, num_val=1)
+    root = generate_synthetic_coco(spec, tmp_path)
+    (root / "annotations" / "instances_train2017.json").write_text("{trunc")
+    with pytest.raises(
+        BadDataError, match=rf"cached synthetic set {root} is incomplete or damaged .*delete that folder"
+    ):
+        generate_synthetic_coco(spec, tmp_path)
+    (root / "annotations" / "instances_train2017.json").unlink()
+    with pytest.raises(BadDataError, match="incomplete or damaged"):
+        generate_synthetic_coco(spec, tmp_path)

@@ -92,3 +92,78 @@ def test_nothing_to_save(tiny: Detector, tmp_path: Path) -> None:
         tiny(torch.randn(1, 3, 64, 64))
     with pytest.raises(RecordingError, match="nothing to save"):
         rec.save(tmp_path / "empty.safetensors")
+
+
+def split_file(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file -> (header dict, data bytes)."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + length]), data[8 + length :]
+
+
+def join_file(path: Path, header: object, body: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + body)
+    return path
+
+
+def with_metadata(source: Path, target: Path, metadata: object) -> Path:
+    """``source`` with its sdetr metadata replaced by ``metadata`` (a string is stored as is)."""
+    header, body = split_file(source)
+    header["__metadata__"]["sdetr_recording"] = metadata if isinstance(metadata, str) else json.dumps(metadata)
+    return join_file(target, header, body)
+
+
+def test_malformed_metadata_is_a_recording_error_naming_the_file(recorded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 11: such metadata raised JSONDecodeError, KeyError, AttributeError or TypeError."""
+    path = recorded.save(tmp_path / "rec.safetensors")
+    meta = json.loads(split_file(path)[0]["__metadata__"]["sdetr_recording"])
+    site = "stage1.encoder.0.self_attn"
+    cases = [
+        ("{not json", "metadata is not JSON"),
+        ([1, 2], "metadata is a JSON list, not an object"),
+        ({k: v for k, v in meta.items() if k != "sites"}, "no 'sites' object"),
+        ({**meta, "sites": []}, "no 'sites' object"),
+        ({**meta, "sites": {site: 3}}, f"site '{site}': its metadata is a int"),
+        ({**meta, "sites": {site: {**meta["sites"][site], "kind": "cross"}}}, "field 'kind' is 'cross'"),
+        ({**meta, "sites": {site: {**meta["sites"][site], "heads": "0,1"}}}, "field 'heads' is '0,1'"),
+        ({**meta, "sites": {site: {**meta["sites"][site], "queries": [[1]]}}}, r"field 'queries' is \[\[1\]\]"),
+        ({**meta, "sites": {site: {**meta["sites"][site], "tensors": ["z"]}}}, r"field 'tensors' is \['z'\]"),
+        ({**meta, "sites": {site: {**meta["sites"][site], "geometry": {}}}}, "field 'geometry' is {}; expected a grid"),
+        ({**meta, "sites": {site: {**meta["sites"][site], "geometry": None}}}, "field 'geometry' is None"),
+        ({**meta, "sites": {"other": meta["sites"][site]}}, r"site 'other': tensors \[.*\] are listed .*not stored"),
+        ({**meta, "format_version": "1"}, "recording format '1'"),
+    ]
+    for field in ("kind", "heads", "queries", "geometry", "tensors"):
+        site_meta = {k: v for k, v in meta["sites"][site].items() if k != field}
+        cases.append(({**meta, "sites": {site: site_meta}}, f"metadata field '{field}' is missing"))
+    for index, (metadata, message) in enumerate(cases):
+        bad = with_metadata(path, tmp_path / f"bad{index}.safetensors", metadata)
+        with pytest.raises(RecordingError, match=rf"bad{index}\.safetensors: .*{message}"):
+            load_recording(bad)
+
+
+def test_a_tensor_whose_shape_disagrees_with_its_bytes_names_the_file(recorded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 11: this gave a SafetensorError without the file's name."""
+    path = recorded.save(tmp_path / "rec.safetensors")
+    header, body = split_file(path)
+    key = "stage1.encoder.0.self_attn/q"
+    header[key]["shape"] = [header[key]["shape"][0] * 2, *header[key]["shape"][1:]]
+    bad = join_file(tmp_path / "shape.safetensors", header, body)
+    with pytest.raises(
+        RecordingError, match=rf"shape\.safetensors: tensor '{key}' is F16 of shape .* bytes\) but its data range holds"
+    ):
+        load_recording(bad)
+    for entry, message in [
+        ({"dtype": "F99", "shape": [1], "data_offsets": [0, 2]}, "unknown dtype 'F99'"),
+        ({"dtype": "F16", "shape": [-1], "data_offsets": [0, 2]}, r"shape \[-1\]"),
+        ({"dtype": "F16", "shape": [1], "data_offsets": [2, 0]}, r"data_offsets \[2, 0\]"),
+        ("x", "header entry is not an object"),
+    ]:
+        header, body = split_file(path)
+        header[key] = entry
+        with pytest.raises(RecordingError, match=rf"entry\.safetensors: tensor '{key}'.*{message}"):
+            load_recording(join_file(tmp_path / "entry.safetensors", header, body))
+    (tmp_path / "folder.safetensors").mkdir()
+    with pytest.raises(RecordingError, match=r"folder\.safetensors is a folder"):
+        load_recording(tmp_path / "folder.safetensors")
