@@ -294,8 +294,9 @@ def load_model(
             except CheckpointError as error:
                 raise CheckpointError(f"{name}: {error}") from None
             except (ConfigError, ValueError, TypeError, KeyError, IndexError, StopIteration) as error:
+                reason = f"{type(error).__name__}: {error}"
                 raise CheckpointError(
-                    f"{name}: its weights and args do not describe an SDETR/DETR model ({type(error).__name__}: {error})"
+                    f"{name}: its weights and args do not describe an SDETR/DETR model ({reason})"
                 ) from None
     model = Detector(config)
     mismatch = compare_keys(model, state)

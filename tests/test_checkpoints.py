@@ -194,7 +194,9 @@ def test_each_kind_of_bad_checkpoint_file_gets_its_own_message(tmp_path: Path) -
     ):
         load_model(tmp_path / "run")
     torch.save({"model": {}, "payload": _Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match=r"evil\.pth: refused to load - it contains Python objects .*; it refers to print\."):
+    with pytest.raises(
+        CheckpointError, match=r"evil\.pth: refused to load - it contains Python objects .*; it refers to print\."
+    ):
         load_model(tmp_path / "evil.pth")
     torch.save({"sdetr_format": 1, "config": {}}, tmp_path / "no_model.pth")
     with pytest.raises(CheckpointError, match=r"no_model\.pth: an sdetr checkpoint without a 'model' state dict"):
