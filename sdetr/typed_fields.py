@@ -120,8 +120,13 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         raise _mismatch(value, hint, where)
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:
+                raise _mismatch(value, hint, where) from None
+            if math.isfinite(number):
+                return number
         raise _mismatch(value, hint, where)
     if hint is str:
         if isinstance(value, str):

@@ -213,10 +213,10 @@ def _site_entry(path: Path, name: str, meta: Any, tensor_keys: set[str]) -> Site
     missing = [t for t in tensors if f"{name}/{t}" not in tensor_keys]
     if missing:
         raise RecordingError(f"{path}: site {name!r}: tensors {missing} are listed in the metadata but not stored")
-    try:
-        geometry = GridGeometry.from_dict(meta["geometry"])
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
-        raise bad("geometry", f"a grid geometry ({type(error).__name__}: {error})") from None
+    problem = _geometry_problem(meta["geometry"])
+    if problem is not None:
+        raise bad("geometry", f"a grid geometry ({problem})")
+    geometry = GridGeometry.from_dict(meta["geometry"])
     return SiteEntry(
         kind=meta["kind"],
         heads=tuple(heads),
@@ -224,6 +224,30 @@ def _site_entry(path: Path, name: str, meta: Any, tensor_keys: set[str]) -> Site
         geometry=geometry,
         tensors=tuple(tensors),
     )
+
+
+def _geometry_problem(data: Any) -> str | None:
+    """What is wrong with a stored :class:`GridGeometry` dict (None: nothing)."""
+
+    def size(value: Any) -> bool:
+        return isinstance(value, list) and len(value) == 2 and all(_is_int(v) and v >= 0 for v in value)
+
+    if not isinstance(data, dict):
+        return f"a {type(data).__name__}, not an object"
+    fields = ("stride", "feature_size", "input_size", "valid_sizes", "valid_cells", "image_sizes")
+    missing = [f for f in fields if f not in data]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if data["stride"] is not None and not (_is_int(data["stride"]) and data["stride"] > 0):
+        return "stride is not a positive integer or null"
+    if data["feature_size"] is not None and not size(data["feature_size"]):
+        return "feature_size is not [height, width] or null"
+    if not size(data["input_size"]):
+        return "input_size is not [height, width]"
+    for name in ("valid_sizes", "valid_cells", "image_sizes"):
+        if not isinstance(data[name], list) or not all(size(v) for v in data[name]):
+            return f"{name} is not a list of [height, width]"
+    return None
 
 
 @dataclass(frozen=True)
