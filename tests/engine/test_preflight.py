@@ -182,6 +182,18 @@ def test_non_finite_weights_stop_before_the_matcher_and_are_never_saved(tmp_path
     assert not (tmp_path / CHECKPOINT_NAME).exists()
 
 
+def test_a_diverging_learning_rate_stops_with_non_finite_loss_error(tmp_path: Path) -> None:
+    """Issue 11: with --lr 1e9 the run died in the matcher (``boxes1 has boxes with x1 < x0``)."""
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite predictions at epoch 1, step 0 \(pred_logits, .*before the losses.*"
+        r"the last good checkpoint is .*checkpoint.pth \(epoch 0\)\. Lower --lr",
+    ):
+        Trainer(config(tmp_path, lr=1e9, epochs=2)).run()
+    kept = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert kept["epoch"] == 0 and all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
 def test_a_nan_from_the_last_update_of_an_epoch_is_not_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 11: a NaN injected in the last step of an epoch was saved in the checkpoint."""
     trainer = Trainer(config(tmp_path, epochs=2))
