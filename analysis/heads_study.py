@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from analysis.evaluation import evaluate
 from analysis.head_importance import (
@@ -86,6 +86,7 @@ PRESET_OF_SIDE = {"single": "sdetr-tiny", "multi": "sdetr-tiny-multihead"}
 ACCURACY_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 FULL_SIZE = (800, 1333)
 SCALES = ("full", "tiny", "synthetic", "native")
+SITE_START, SITE_END = "heads_study.site_start", "heads_study.site_end"  # profiler markers
 
 
 @dataclass(frozen=True)
@@ -303,19 +304,19 @@ def accuracy_verdict(summary: pd.DataFrame, stat: str = "AP") -> str:
     single, multi = by_side["single"], by_side["multi"]
     difference = float(multi["mean"] - single["mean"])
     direction = "higher" if difference > 0 else "lower" if difference < 0 else "the same"
-    said = f"The multi-head side's mean {stat} is {abs(difference):.3f} {direction} than the single-head side's"
+    said = f"The multi-head side's mean {stat} is {abs(difference):.4f} {direction} than the single-head side's"
     said = said if difference else f"Both sides have the same mean {stat}"
     if single["n"] < 2 and multi["n"] < 2:
         return (
-            f"{said} ({multi['mean']:.3f} vs {single['mean']:.3f}). With one checkpoint per side there is no "
+            f"{said} ({multi['mean']:.4f} vs {single['mean']:.4f}). With one checkpoint per side there is no "
             "spread to compare it with: the difference is one draw of training noise or more (train several "
             "seeds with --train --seeds, or give --single / --multi several times)."
         )
     spread = max(float(single["max"] - single["min"]), float(multi["max"] - multi["min"]))
     exceeds = abs(difference) > spread
     return (
-        f"{said} ({multi['mean']:.3f} vs {single['mean']:.3f}, {int(multi['n'])} and {int(single['n'])} "
-        f"checkpoints). The spread between checkpoints of one side (the larger min-max range) is {spread:.3f}: "
+        f"{said} ({multi['mean']:.4f} vs {single['mean']:.4f}, {int(multi['n'])} and {int(single['n'])} "
+        f"checkpoints). The spread between checkpoints of one side (the larger min-max range) is {spread:.4f}: "
         + (
             "the difference exceeds it."
             if exceeds
@@ -381,19 +382,77 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def peak_forward_bytes(model: Detector, images: Tensor, run: Callable[[], Any] | None = None) -> int:
-    """Peak bytes of tensors allocated by torch's CPU allocator during one no-grad forward, above
-    what was live before it: the profiler's memory events (allocations +, frees -) summed in
-    time order. ``run`` replaces the plain forward (e.g. a forward inside ``sdetr.record``)."""
-    with torch.no_grad():
-        model(images)  # warm-up: lazily made buffers are not part of the forward's peak
-        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run() if run is not None else model(images)
+@dataclass(frozen=True)
+class MemoryPeaks:
+    """Peak tensor bytes of one forward (see :func:`memory_peaks`).
+
+    Attributes:
+        forward: peak over the whole forward, above what was live before it.
+        site: the largest, over the studied sites, of the peak inside one call of the site (its
+            projections, attention and output; with a recorder also the map it keeps), above what
+            was live when the call started.
+    """
+
+    forward: int
+    site: int
+
+
+def replay_peak(events: Sequence[Any], window: tuple[float, float] | None = None) -> int:
+    """Peak of the running sum of the events' own allocations (+) and frees (-), in time order.
+
+    The profiler charges each allocation or free to the innermost op running at the time (or to a
+    ``[memory]`` event between ops); an op's net positive bytes count at its start, net negative
+    bytes at its end. ``window``: only events inside ``(start, end)`` (profiler microseconds).
+    """
+    points = []
+    for event in events:
+        delta = event.self_cpu_memory_usage
+        begin, end = event.time_range.start, event.time_range.end
+        if not delta or (window is not None and not (window[0] <= begin and end <= window[1])):
+            continue
+        points.append((begin if delta > 0 else end, delta))
     live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
+    for _, delta in sorted(points):
+        live += delta
         peak = max(peak, live)
     return peak
+
+
+def memory_peaks(model: Detector, sites: str, run: Callable[[], Any]) -> MemoryPeaks:
+    """Peak bytes of tensors allocated by torch's CPU allocator while ``run()`` does one forward
+    (torch.profiler memory events), for the whole forward and inside the studied sites.
+
+    Each call of a studied site is bracketed by two empty ``record_function`` markers (forward
+    pre-hook and hook, removed afterwards), whose times delimit the site's window.
+    """
+    studied = {info.name for info in matched_sites(model, sites)}
+    modules = [module for name, module in model.attention_sites().items() if name in studied]
+
+    def mark(label: str) -> Callable[..., None]:
+        def hook(*_args: Any) -> None:
+            with record_function(label):
+                pass
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(mark(SITE_START)) for m in modules]
+    handles += [m.register_forward_hook(mark(SITE_END)) for m in modules]
+    try:
+        with torch.no_grad():
+            run()  # warm-up: lazily made buffers are not part of the peak
+            with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    events = list(prof.events())
+    starts = sorted(e.time_range.end for e in events if e.name == SITE_START)
+    ends = sorted(e.time_range.start for e in events if e.name == SITE_END)
+    windows = list(zip(starts, ends, strict=True))
+    return MemoryPeaks(
+        forward=replay_peak(events),
+        site=max((replay_peak(events, window) for window in windows), default=0),
+    )
 
 
 def recording_bytes(model: Detector, size: tuple[int, int], sites: str) -> int:
@@ -409,9 +468,14 @@ def cost_table(models: dict[str, Detector], size: tuple[int, int], config: Study
     for side, model in models.items():
         flops = attention_flops(model, size, config.sites)
 
+        def forward(model: Detector = model) -> None:
+            model(images)
+
         def recorded(model: Detector = model) -> None:
             with record(model, sites=config.sites, tensors=("a",)):
                 model(images)
+
+        plain, recording = memory_peaks(model, config.sites, forward), memory_peaks(model, config.sites, recorded)
 
         rows.append(
             {
@@ -423,8 +487,9 @@ def cost_table(models: dict[str, Detector], size: tuple[int, int], config: Study
                 "projection_flops": int(flops["projection_flops"].sum()),
                 "softmax_scores": int(flops["softmax_scores"].sum()),
                 "forward_ms": times[side] * 1000,
-                "peak_forward_mib": peak_forward_bytes(model, images) / 2**20,
-                "peak_recording_forward_mib": peak_forward_bytes(model, images, recorded) / 2**20,
+                "peak_forward_mib": plain.forward / 2**20,
+                "peak_site_kib": plain.site / 2**10,
+                "peak_site_recording_kib": recording.site / 2**10,
                 "recording_bytes": recording_bytes(model, size, config.sites),
                 "recording_bytes_800x1333": recording_bytes(model, FULL_SIZE, config.sites),
             }
@@ -499,15 +564,15 @@ def necessity_summary(ablation: dict[str, pd.DataFrame]) -> str:
     def changes(table: pd.DataFrame, ablated: str) -> str:
         part = table[table["ablated"] == ablated]
         return ", ".join(
-            f"{r.site.removesuffix('.self_attn')}{'' if ablated == 'site' else f' h{r.head}'} {r.dAP:+.3f}"
+            f"{r.site.removesuffix('.self_attn')}{'' if ablated == 'site' else f' h{r.head}'} {r.dAP:+.4f}"
             for r in part.itertuples()
         )
 
     multi, single = ablation["multi"], ablation["single"]
     heads = multi[multi["ablated"] == "head"]
     said = [
-        f"Baseline AP: multi {multi['AP'].iloc[0]:.3f}, single {single['AP'].iloc[0]:.3f}.",
-        f"Multi, one head removed: dAP from {heads['dAP'].min():+.3f} to {heads['dAP'].max():+.3f}"
+        f"Baseline AP: multi {multi['AP'].iloc[0]:.4f}, single {single['AP'].iloc[0]:.4f}.",
+        f"Multi, one head removed: dAP from {heads['dAP'].min():+.4f} to {heads['dAP'].max():+.4f}"
         f" ({changes(multi, 'head')}).",
     ]
     if (multi["ablated"] == "site").any():
@@ -538,6 +603,7 @@ def _run_study(config: StudyConfig) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = checkpoints(config)
+    checkpoints_s = time.perf_counter() - started
     dataset = load_data(config)
     if len(dataset) == 0:
         raise ValueError(f"--data {config.data}: the val split has no images")
@@ -551,7 +617,7 @@ def _run_study(config: StudyConfig) -> Path:
         "# Heads study: one head or several in the stage-2 encoder",
         "",
         f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `python -m analysis.heads_study` "
-        f"(torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, CPU).",
+        f"(torch {torch.__version__}, torch threads: {torch.get_num_threads()}, {platform.machine()} CPU).",
         "",
         f"- data: `{config.data}` val split, {images_used} of {len(dataset)} images"
         + ("" if config.data == "synthetic" else f", scale `{config.scale}`"),
@@ -568,8 +634,10 @@ def _run_study(config: StudyConfig) -> Path:
     # accuracy
     per_checkpoint, summary = accuracy_tables(models, paths, dataset, config)
     report.add("## Accuracy", "", "COCO bbox stats (pycocotools COCOeval) of each checkpoint on the same split:", "")
-    report.add(markdown_table(per_checkpoint), "", "Per side (std over checkpoints; `-` with one checkpoint):", "")
-    report.add(markdown_table(summary[summary["stat"].isin(["AP", "AP50", "APs"])]), "")
+    report.add(
+        markdown_table(per_checkpoint, digits=4), "", "Per side (std over checkpoints; `-` with one checkpoint):", ""
+    )
+    report.add(markdown_table(summary[summary["stat"].isin(["AP", "AP50", "APs"])], digits=4), "")
     report.add(accuracy_verdict(summary, "AP"), "", accuracy_verdict(summary, "AP50"), "")
     report.add(
         f"Files: `{report.csv(per_checkpoint, 'accuracy.csv')}`, `{report.csv(summary, 'accuracy_summary.csv')}`.", ""
@@ -593,9 +661,11 @@ def _run_study(config: StudyConfig) -> Path:
         "with the heads.",
         "",
         f"`forward_ms`: median of {config.timing_rounds} no-grad forwards of a random image, the two models "
-        "taking turns in each round (one process, after a warm-up). `peak_forward_mib`: peak bytes of "
-        "tensors allocated by torch's CPU allocator during one forward, above what was live before it "
-        "(torch.profiler memory events summed in time order); `peak_recording_forward_mib`: the same "
+        "taking turns in each round (one process, after a warm-up). Memory is the peak of the bytes of "
+        "tensors allocated by torch's CPU allocator (torch.profiler memory events, allocations minus frees "
+        "in time order): `peak_forward_mib` over one forward, above what was live before it; "
+        "`peak_site_kib` inside one call of a studied site (projections, attention, output), above what "
+        "was live when the call started, the largest over the sites; `peak_site_recording_kib` the same "
         "while the studied sites' maps are recorded (explicit attention path, float16 copies kept). "
         "`recording_bytes`: `sdetr.estimate_bytes` of the studied sites' maps A (float16, batch 1) at "
         f"{size[0]}x{size[1]} and at 800x1333.",
@@ -690,29 +760,30 @@ def _run_study(config: StudyConfig) -> Path:
         "important (`importance_norm`) first, and in a random order (seed "
         f"{config.random_seed}) as the control.",
         "",
-        markdown_table(importance.drop(columns=["stage", "kind"])),
+        markdown_table(importance.drop(columns=["stage", "kind"]), digits=4),
         "",
         "Ablation, multi:",
         "",
-        markdown_table(ablation["multi"]),
+        markdown_table(ablation["multi"], digits=4),
         "",
         "Ablation, single:",
         "",
-        markdown_table(ablation["single"]),
+        markdown_table(ablation["single"], digits=4),
         "",
     )
     report.figure(plot_ablation(ablation["multi"], title="Ablation, multi: dAP per head"), "ablation_multi.png",
                   "Ablation of each head (hatched: the whole site), multi")  # fmt: skip
     report.figure(plot_ablation(ablation["single"], title="Ablation, single: dAP per site"), "ablation_single.png",
                   "Ablation of each site's single head, single")  # fmt: skip
-    report.add(necessity_summary(ablation), "", "Pruning curve, multi:", "", markdown_table(curve), "")
+    report.add(necessity_summary(ablation), "", "Pruning curve, multi:", "", markdown_table(curve, digits=4), "")
     report.figure(plot_pruning_curve(curve), "pruning_multi.png", "AP as heads are removed, multi")
     report.add(
         f"Files: `{report.csv(importance, 'importance.csv')}`, "
         f"`{report.csv(ablation['multi'], 'ablation_multi.csv')}`, "
         f"`{report.csv(ablation['single'], 'ablation_single.csv')}`, `{report.csv(curve, 'pruning.csv')}`.",
         "",
-        f"Study time: {time.perf_counter() - started:.0f} s (training, when cached, not included).",
+        f"Study time: {time.perf_counter() - started:.0f} s, of which {checkpoints_s:.0f} s finding or training "
+        "the checkpoints (training only when they were not cached yet).",
         "",
     )
     return write_text(out / "report.md", "\n".join(report.lines))

@@ -8,7 +8,7 @@ hits all of them alike, and their ratios:
   5 % of ``plain``);
 - ``one_head_zero``: one head of the first multi-head encoder site gated to 0.
 
-Usage: ``python benchmarks/gated_forward.py [--presets sdetr sdetr-tiny] [--size 384 512] [--rounds 15]``.
+Usage: ``python benchmarks/gated_forward.py [--presets sdetr sdetr-tiny] [--size 384 512] [--rounds 15] [--threads N]``.
 Writes the numbers as JSON to ``outputs/benchmarks/gated_forward.json``.
 """
 
@@ -80,8 +80,11 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["sdetr", "sdetr-tiny"])
     parser.add_argument("--size", type=int, nargs=2, default=(384, 512), metavar=("H", "W"))
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--output", default="outputs/benchmarks/gated_forward.json")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     results = [time_preset(preset, tuple(args.size), args.rounds) for preset in args.presets]
     for result in results:
