@@ -32,7 +32,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,7 +40,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
@@ -67,6 +65,7 @@ from analysis.head_statistics import (
 )
 from analysis.qkv_statistics import plot_effective_rank, qkv_statistics
 from analysis.quick_model import QuickRun, quick_checkpoint, quick_dataset
+from analysis.writers import markdown_table, write_csv, write_figure, write_text
 from sdetr import (
     CocoDetection,
     CocoPaths,
@@ -154,59 +153,6 @@ def get_study_config(preset: str = "default", **overrides: Any) -> StudyConfig:
     if preset not in STUDY_PRESETS:
         raise ValueError(f"unknown study preset {preset!r}; choose from {sorted(STUDY_PRESETS)}")
     return STUDY_PRESETS[preset].replace(**overrides)
-
-
-# ---------------------------------------------------------------------------------- files
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """A temporary path next to ``path`` that is renamed onto it when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        yield tmp
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(path: Path, text: str) -> Path:
-    with _atomic(path) as tmp:
-        tmp.write_text(text)
-    return path
-
-
-def write_csv(frame: pd.DataFrame, path: Path) -> Path:
-    with _atomic(path) as tmp:
-        frame.to_csv(tmp, index=False)
-    return path
-
-
-def write_figure(figure: Figure, path: Path, dpi: int) -> Path:
-    """Save ``figure`` as PNG (atomically) and close it."""
-    try:
-        with _atomic(path) as tmp:
-            figure.savefig(tmp, dpi=dpi, format="png")
-    finally:
-        plt.close(figure)
-    return path
-
-
-def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
-    """A GitHub-markdown table of ``frame`` (floats with ``digits`` decimals, NaN as ``-``)."""
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return "-" if math.isnan(value) else f"{value:.{digits}f}"
-        if isinstance(value, int) and abs(value) >= 10_000:
-            return f"{value:,}"
-        return str(value)
-
-    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *rows])
 
 
 # ---------------------------------------------------------------------------------- data and models
@@ -649,6 +595,11 @@ def _run_study(config: StudyConfig) -> Path:
     shown = cost.copy()
     for column in ("recording_bytes", "recording_bytes_800x1333"):
         shown[column] = [format_bytes(v) for v in shown[column]]
+    flops_shown = flops[["side", *[c for c in flops.columns if c != "side"]]].copy()
+    for frame in (shown, flops_shown):
+        for column in ("parameters", "attention_flops", "projection_flops", "softmax_scores"):
+            if column in frame:
+                frame[column] = [f"{v:,}" for v in frame[column]]
     report.add(
         "## Cost",
         "",
@@ -674,7 +625,7 @@ def _run_study(config: StudyConfig) -> Path:
         "",
         "Per site:",
         "",
-        markdown_table(flops[["side", *[c for c in flops.columns if c != "side"]]]),
+        markdown_table(flops_shown),
         "",
     )
     ratio = cost["forward_ms"].iloc[1] / cost["forward_ms"].iloc[0]

@@ -19,7 +19,6 @@ from analysis.heads_study import (
     get_study_config,
     grid_cells,
     main,
-    markdown_table,
     memory_peaks,
     parse_args,
     replay_peak,
@@ -147,13 +146,6 @@ def test_cli_config_presets_and_errors(tmp_path: Path) -> None:
         main(["--train", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
         main(["--single", str(tmp_path / "a.pth"), "--multi", "x.pth", "--out", str(tmp_path / "o")])
-
-
-def test_markdown_table() -> None:
-    frame = pd.DataFrame({"site": ["a", "b"], "AP": [0.12345, math.nan], "head": [0, -1], "n": [12345, 7]})
-    assert markdown_table(frame).splitlines() == [
-        "| site | AP | head | n |", "|---|---|---|---|", "| a | 0.123 | 0 | 12,345 |", "| b | - | -1 | 7 |"
-    ]  # fmt: skip
 
 
 def test_memory_replay_by_hand() -> None:
