@@ -14,56 +14,32 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image
 
 from analysis.breakdowns import class_breakdown, size_breakdown, stage_breakdown
 from analysis.detection_plots import plot_class_breakdown, plot_detections, plot_error_breakdown, plot_size_breakdown
 from analysis.error_breakdown import error_breakdown
-from sdetr import CocoDetection, CocoPaths, build_transforms, load_model
+from analysis.writers import markdown_table
+from sdetr import CocoDetection, CocoPaths, atomic_path, build_transforms, load_model
 
 DPI = 100
 VIEWER_DPI = 80  # the viewer is a photo-like image: fewer pixels keep its PNG small
 SMALL_AREA = 32.0**2
 
 
-def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
-    """A pipe table; floats to ``digits`` decimals, NaN as ``n/a``."""
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(str(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 def save(figure: Figure, path: Path, dpi: int = DPI) -> None:
-    """Write a small PNG atomically: rendered at ``dpi``, reduced to a 256-colour palette, written to a
-    temporary file in the same folder and renamed into place."""
+    """Write a small PNG atomically (``sdetr.atomic_path``): rendered at ``dpi``, reduced to a
+    256-colour palette, without date metadata (the same inputs give the same bytes)."""
     rendered = io.BytesIO()
     figure.savefig(rendered, format="png", dpi=dpi)
     rendered.seek(0)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        with Image.open(rendered) as image:
-            image.convert("RGB").quantize(256).save(temporary, format="png", optimize=True)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with Image.open(rendered) as image, atomic_path(path) as temporary:
+        image.convert("RGB").quantize(256).save(temporary, format="png", optimize=True)
     print(f"wrote {path}")
 
 
@@ -109,22 +85,22 @@ def main() -> None:
     gt = dataset.coco
 
     sizes = size_breakdown(gt, detections)
-    print("## size_breakdown\n" + markdown(sizes.drop(columns=["kind", "lo", "hi", "note"])))
+    print("## size_breakdown\n" + markdown_table(sizes.drop(columns=["kind", "lo", "hi", "note"])))
     for area in ("all", "small"):
         classes = class_breakdown(gt, detections, area=area)
-        print(f"\n## class_breakdown area={area}\n" + markdown(classes.drop(columns=["category_id", "area"])))
+        print(f"\n## class_breakdown area={area}\n" + markdown_table(classes.drop(columns=["category_id", "area"])))
         if area == "all":
             save(plot_class_breakdown(classes), args.out / "class_breakdown.png")
     errors = error_breakdown(gt, detections, area=("all", "small"))
-    print("\n## error_breakdown\n" + markdown(errors))
+    print("\n## error_breakdown\n" + markdown_table(errors))
     save(plot_error_breakdown(errors), args.out / "error_breakdown.png")
 
     model = load_model(args.checkpoint)
     stages = stage_breakdown(model, dataset, batch_size=args.batch_size)
     table = stages.pivot(index=["output", "site"], columns="bin", values="AP")[list(dict.fromkeys(stages["bin"]))]
-    print("\n## stage_breakdown AP\n" + markdown(table.reset_index()))
+    print("\n## stage_breakdown AP\n" + markdown_table(table.reset_index()))
     table = stages.pivot(index=["output", "site"], columns="bin", values="AR100")[list(dict.fromkeys(stages["bin"]))]
-    print("\n## stage_breakdown AR100\n" + markdown(table.reset_index()))
+    print("\n## stage_breakdown AR100\n" + markdown_table(table.reset_index()))
     save(plot_size_breakdown(stages), args.out / "stage_breakdown.png")
     final = stages[stages["is_final"]].reset_index(drop=True)
     columns = ["n_gt", "AP", "AP50", "AP75", "AR100"]
