@@ -131,7 +131,8 @@ def _two_object_coco(root: Path, count: int = 4) -> None:
         image.save(root / "train2017" / f"{image_id}.png")
         image.save(root / "val2017" / f"{image_id}.png")
         images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 128, "height": 96})
-        annotations += [{"id": len(annotations) + 1, "image_id": image_id, **obj} for obj in objects]
+        first = len(annotations) + 1  # unique annotation ids (the loader refuses duplicates)
+        annotations += [{"id": first + i, "image_id": image_id, **obj} for i, obj in enumerate(objects)]
     categories = [{"id": i, "name": str(i)} for i in range(1, 5)]
     for split in ("train", "val"):
         payload = {"images": images, "annotations": annotations, "categories": categories}
