@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from sdetr.atomic_files import atomic_path
 from sdetr.config import BACKBONE_CHANNELS, ConfigError, ModelConfig, StageConfig, get_config
+from sdetr.errors import UserError
 from sdetr.model.detector import Detector
 
 #: Marker key of this project's checkpoint files.
@@ -27,7 +28,7 @@ FORMAT_KEY = "sdetr_format"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 

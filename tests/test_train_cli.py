@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sdetr
 import train
 from sdetr.checkpoints import CheckpointError
 from sdetr.config import ConfigError
@@ -151,3 +152,18 @@ def test_resume_takes_the_runs_options_and_explicit_flags_win(tmp_path: Path) ->
     torch.save({"sdetr_format": 1, "train_config": {**stored.to_dict(), "lr": "fast"}}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=r"bad\.pth: its stored training options are not valid \(lr: expected"):
         config_from_args(["--resume", str(tmp_path / "bad.pth")])
+
+
+def test_every_input_error_type_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for error in (
+        sdetr.BadDataError,
+        sdetr.CheckpointError,
+        sdetr.ConfigError,
+        sdetr.NonFiniteLossError,
+        sdetr.PreflightError,
+        sdetr.RecordingError,
+    ):
+        assert issubclass(error, sdetr.UserError), error
+    assert train.main(["--resume", str(tmp_path)]) == 2  # a CheckpointError: one line, no traceback
+    hint = f"pass the checkpoint file in it (e.g. {tmp_path / 'checkpoint.pth'})"
+    assert capsys.readouterr().err == f"train.py: error: {tmp_path} is a folder; {hint}\n"
