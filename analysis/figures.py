@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from analysis.attribution import attribute, plot_attributions
 from analysis.batches import boxes_in_pixels
 from analysis.breakdowns import class_breakdown, stage_breakdown
 from analysis.detection_plots import plot_class_breakdown, plot_detections, plot_error_breakdown, plot_size_breakdown
@@ -44,6 +45,7 @@ from analysis.head_statistics import (
 from analysis.qkv_statistics import plot_effective_rank, qkv_statistics
 from analysis.qkva import plot_qkva
 from analysis.quick_model import quick_checkpoint
+from analysis.relevance import attention_rollout, plot_relevance, relevance
 from analysis.style import paper_style
 from analysis.writers import sha256_file, write_csv, write_figure, write_text
 from sdetr import (
@@ -172,6 +174,27 @@ def detections_viewer(ctx: Context) -> Figure:
     )
 
 
+def attributions(ctx: Context) -> Figure:
+    image, _ = ctx.first_image
+    maps = [
+        attribute(ctx.model, image, method="integrated_gradients", n_steps=16),
+        attribute(ctx.model, image, method="saliency"),
+        attribute(ctx.model, image, method="occlusion", window=ctx.model.stages[-1].stride),
+        attribute(ctx.model, image, method="layer_gradcam"),
+    ]
+    return plot_attributions(unnormalize_image(image), maps)
+
+
+def relevance_maps(ctx: Context) -> Figure:
+    image, _ = ctx.first_image
+    return plot_relevance(unnormalize_image(image), relevance(ctx.model, image))
+
+
+def rollout_maps(ctx: Context) -> Figure:
+    image, _ = ctx.first_image
+    return plot_relevance(unnormalize_image(image), attention_rollout(ctx.model, image))
+
+
 def head_ablation(ctx: Context) -> Figure:
     model = ctx.multi or ctx.model
     table = ctx.memo(
@@ -200,19 +223,32 @@ FIGURES: dict[str, tuple[Callable[[Context], Figure], str]] = {
     "class_aps": (class_aps, "AP per class (AP, APs, APm, APl)"),
     "error_types": (error_types, "TIDE-style dAP per error type, all objects and small ones"),
     "detections": (detections_viewer, "detections on the first image, coloured by match status"),
+    "attributions": (attributions, "captum attributions of the top detection: IG, saliency, occlusion, Grad-CAM"),
+    "relevance": (relevance_maps, "Chefer et al. relevance of the top detection, per stage at its own stride"),
+    "rollout": (rollout_maps, "attention rollout of the top detection, per stage"),
     "head_ablation": (head_ablation, "dAP when each stage-2 encoder head (and the whole site) is gated to 0"),
     "head_pruning": (head_pruning, "AP as stage-2 encoder heads are removed, least important first"),
 }
 
 
 # ---------------------------------------------------------------------------------- command
-def load_dataset(data: str) -> CocoDetection:
-    """``synthetic``: the quickstart's validation split (made on first use); else a COCO folder."""
-    if data == "synthetic":
-        root = generate_synthetic_coco(SyntheticSpec())
-        return CocoDetection(CocoPaths(root, "val"), build_transforms("synthetic", False))
-    root = Path(data)
-    return CocoDetection(CocoPaths(root, "val"), build_transforms("full", False))
+def load_dataset(data: str, scale: str | None = None) -> CocoDetection:
+    """The validation split to draw from: ``synthetic`` is the quickstart's (made on first use),
+    anything else a COCO-layout folder.
+
+    ``scale`` names the evaluation resize (``sdetr.build_transforms``); None picks ``synthetic``
+    for a synthetic set (its annotation file records the spec it was made from) and the
+    original ``full`` (short side 800) for any other folder.
+    """
+    root = generate_synthetic_coco(SyntheticSpec()) if data == "synthetic" else Path(data)
+    paths = CocoPaths(root, "val")
+    if scale is None:
+        try:
+            info = json.loads(paths.annotations.read_text()).get("info") or {}
+        except (OSError, ValueError, AttributeError):
+            info = {}  # CocoDetection below reports a missing or broken file properly
+        scale = "synthetic" if isinstance(info, dict) and "spec" in info else "full"
+    return CocoDetection(paths, build_transforms(scale, False))
 
 
 def resolve_checkpoint(value: str) -> Path:
@@ -229,6 +265,7 @@ def make_figures(
     only: Sequence[str] | None = None,
     formats: Sequence[str] = ("png", "pdf"),
     command: Sequence[str] | None = None,
+    scale: str | None = None,
 ) -> Path:
     """Write the figures and ``manifest.json`` to ``out``; returns the manifest's path."""
     unknown = sorted(set(only or ()) - set(FIGURES))
@@ -243,7 +280,7 @@ def make_figures(
         ctx = Context(
             model=load_model(main_path),
             multi=None if multi_path is None else load_model(multi_path),
-            dataset=load_dataset(data),
+            dataset=load_dataset(data, scale),
             images=images,
             batch_size=batch_size,
         )
@@ -273,6 +310,7 @@ def make_figures(
         "checkpoint": {"path": str(main_path), "weights_sha256": weights_sha256(ctx.model)},
         "multi": None if ctx.multi is None else {"path": str(multi_path), "weights_sha256": weights_sha256(ctx.multi)},
         "data": data,
+        "scale": scale,
         "images": images,
         "figures": entries,
         "tables": tables,
@@ -286,6 +324,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--multi", help="second model, e.g. the multi-head stage-2 encoder of the heads study")
     parser.add_argument("--data", default="synthetic", help="'synthetic' (default) or a COCO folder")
     parser.add_argument("--out", default="figures", help="output folder (default: figures/)")
+    parser.add_argument("--scale", choices=["full", "tiny", "synthetic"], help="evaluation resize (default: by data)")
     parser.add_argument("--images", type=int, default=16, help="images for statistics and evaluation")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--only", nargs="*", choices=list(FIGURES), help="make only these figures")
@@ -304,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         batch_size=args.batch_size,
         only=args.only,
         formats=args.formats,
+        scale=args.scale,
         command=["python", "-m", "analysis.figures", *(sys.argv[1:] if argv is None else argv)],
     )
     print(f"wrote {manifest}")

@@ -23,10 +23,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -342,10 +342,11 @@ def plot_ablation(table: pd.DataFrame, metric: str = "dAP", title: str | None = 
     if metric not in table.columns:
         raise ValueError(f"metric={metric!r} is not a column of the ablation table ({list(table.columns)})")
     shown = table[table["ablated"] != "none"]
-    figure, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(shown) + 1.5), 3.2), constrained_layout=True)
+    figure = Figure(figsize=(max(4.0, 0.45 * len(shown) + 1.5), 3.2), layout="constrained")
+    ax = figure.subplots()
     labels = [f"{_short_site(r.site)} h{'*' if r.ablated == 'site' else r.head}" for r in shown.itertuples()]
     site_names = list(dict.fromkeys(shown["site"]))
-    colours = [plt.get_cmap("tab10")(site_names.index(site) % 10) for site in shown["site"]]
+    colours = [colormaps["tab10"](site_names.index(site) % 10) for site in shown["site"]]
     bars = ax.bar(range(len(shown)), shown[metric].to_numpy(dtype=float), color=colours)
     for bar, ablated in zip(bars, shown["ablated"], strict=True):
         if ablated == "site":
@@ -364,7 +365,8 @@ def plot_pruning_curve(curve: pd.DataFrame, metric: str = "AP", title: str | Non
     (one or several :func:`pruning_curve` tables concatenated), as in Michel et al.'s figure."""
     if metric not in curve.columns:
         raise ValueError(f"metric={metric!r} is not a column of the pruning curve ({list(curve.columns)})")
-    figure, ax = plt.subplots(figsize=(4.8, 3.2), constrained_layout=True)
+    figure = Figure(figsize=(4.8, 3.2), layout="constrained")
+    ax = figure.subplots()
     for order, part in curve.groupby("order", sort=False):
         part = part.sort_values("removed")
         ax.plot(part["removed"], part[metric], marker="o", label=str(order))

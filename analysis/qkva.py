@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -47,7 +46,8 @@ def plot_qkva(
     panels: list[tuple[str, Tensor]] = [
         (name.upper(), principal_component(getattr(grids, name)[index, head, :rows, :cols])) for name in ("q", "k", "v")
     ]
-    figure, axes = plt.subplots(1, 5, figsize=(17, 3.6), constrained_layout=True)
+    figure = Figure(figsize=(17, 3.6), layout="constrained")
+    axes = figure.subplots(1, 5)
     height, width = geometry.valid_sizes[index]
     stride = geometry.stride
     extent = (0, cols * stride, rows * stride, 0)

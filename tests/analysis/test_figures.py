@@ -13,7 +13,7 @@ from analysis.figures import FIGURES, main
 from analysis.writers import sha256_file
 from sdetr import SyntheticSpec, build_model, generate_synthetic_coco, save_model
 
-CHEAP = ["qkva_grid", "attention_distance", "detections", "class_aps", "size_by_decoder_output"]
+CHEAP = ["qkva_grid", "attention_distance", "detections", "class_aps", "size_by_decoder_output", "relevance"]
 
 
 @pytest.fixture(scope="module")
