@@ -25,8 +25,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
+# One thread per worker process (notebook kernels and torchrun children too): 2 workers, 2 cores.
 unit: $(STAMP)
-	$(PY) -m pytest -n 2 -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q --durations=15
 
 test: lint typecheck unit
 

@@ -8,7 +8,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")  # tests draw off-screen; the library
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Two xdist workers share the 2 cores: one thread each (more threads than cores spin and crawl).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 #: Copies of ../shared/reference (state-dict listings of the original code), so a clone runs every test.
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
