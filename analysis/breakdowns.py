@@ -11,8 +11,8 @@ read exactly as ``COCOeval.summarize()`` reads it, so nothing about matching is 
   ``recall`` at ``maxDets = 100``.
 
 Object size is the side length of a square of the same area: ``side = sqrt(area)`` with
-``area`` COCO's ``area`` field of the ground truth (the segment area on COCO, the box area on
-the synthetic set) and ``w * h`` for detections (``COCO.loadRes``). A size bin ``(lo, hi)``
+``area`` COCO's ``area`` field of the ground truth (the segment area on COCO, the shape's
+visible pixel count on the synthetic set) and ``w * h`` for detections (``COCO.loadRes``). A size bin ``(lo, hi)``
 is therefore COCO's area range ``(lo**2, hi**2)``; like COCO's, both ends are inclusive
 (an object exactly on an edge belongs to both neighbouring bins). ``inf`` stands for COCO's
 upper limit ``1e5**2``.
