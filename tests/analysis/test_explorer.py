@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from matplotlib.axes import Axes
@@ -17,6 +19,15 @@ from sdetr import PRESETS, Detector, GridGeometry, SiteGrids, build_model, norma
 ENC2 = "stage2.encoder.1.self_attn"
 CROSS1 = "stage1.decoder.1.cross_attn"
 SELF2 = "stage2.decoder.0.self_attn"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny inputs: one thread is faster, and far faster when other processes share the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +173,7 @@ def test_every_site_kind_of_every_preset(preset: str, rgb: torch.Tensor) -> None
 def test_explorer_widget_redraws_and_reports_memory(tiny: Detector, rgb: torch.Tensor) -> None:
     pytest.importorskip("ipywidgets")
     second = torch.rand(3, 80, 64, generator=torch.Generator().manual_seed(4))
-    explorer = QKVAExplorer(tiny, [normalize_image(rgb), normalize_image(second)])
+    explorer = QKVAExplorer(tiny, [normalize_image(rgb), normalize_image(second)], dpi=30)
     view = explorer.widget()
     controls = explorer._widgets
     assert controls["site"].value == ENC2  # the last encoder site
