@@ -65,6 +65,7 @@ def test_notebook_runs(path: Path, shared_cache: Path, monkeypatch: pytest.Monke
     assert with_parameters(notebook, FAST), f"{path.name}: its parameters cell sets none of {sorted(FAST)}"
     monkeypatch.setenv("SDETR_CACHE", str(shared_cache))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # small inputs; and the other xdist worker shares the 2 cores
     client = nbclient.NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
     )
