@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")  # tests draw off-screen; the library never sets a backend
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 # Two xdist workers share the 2 cores: one thread each (more threads than cores spin and crawl).
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+TEST_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+torch.set_num_threads(TEST_THREADS)
 
 #: Copies of ../shared/reference (state-dict listings of the original code), so a clone runs every test.
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
@@ -37,3 +39,15 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
     images[1, :, :96, :128] = torch.randn(3, 96, 128, generator=generator)
     mask[1, :96, :128] = False
     return images, mask
+
+
+@pytest.fixture(autouse=True)
+def fixed_threads() -> Iterator[None]:
+    """Every test starts with TEST_THREADS torch threads, whatever the tests before it set.
+
+    Float sums depend on the thread count, so a test calibrated or compared at a thread count
+    pins it itself (``torch.set_num_threads(2)`` in its body); this fixture undoes that after.
+    """
+    torch.set_num_threads(TEST_THREADS)
+    yield
+    torch.set_num_threads(TEST_THREADS)
