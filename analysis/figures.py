@@ -266,6 +266,7 @@ def make_figures(
     formats: Sequence[str] = ("png", "pdf"),
     command: Sequence[str] | None = None,
     scale: str | None = None,
+    dpi: int = 150,
 ) -> Path:
     """Write the figures and ``manifest.json`` to ``out``; returns the manifest's path."""
     unknown = sorted(set(only or ()) - set(FIGURES))
@@ -290,7 +291,7 @@ def make_figures(
             for name, (maker, description) in FIGURES.items():
                 if only and name not in only:
                     continue
-                files = write_figure(maker(ctx), out_dir / name, dpi=150, formats=formats)
+                files = write_figure(maker(ctx), out_dir / name, dpi=dpi, formats=formats)
                 entries.append(
                     {
                         "name": name,
@@ -312,6 +313,7 @@ def make_figures(
         "data": data,
         "scale": scale,
         "images": images,
+        "dpi": dpi,
         "figures": entries,
         "tables": tables,
     }
@@ -327,6 +329,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale", choices=["full", "tiny", "synthetic"], help="evaluation resize (default: by data)")
     parser.add_argument("--images", type=int, default=16, help="images for statistics and evaluation")
     parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--dpi", type=int, default=150, help="raster resolution of the PNGs")
     parser.add_argument("--only", nargs="*", choices=list(FIGURES), help="make only these figures")
     parser.add_argument("--formats", nargs="*", default=["png", "pdf"], choices=["png", "pdf", "svg"])
     return parser.parse_args(argv)
@@ -344,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         only=args.only,
         formats=args.formats,
         scale=args.scale,
+        dpi=args.dpi,
         command=["python", "-m", "analysis.figures", *(sys.argv[1:] if argv is None else argv)],
     )
     print(f"wrote {manifest}")
