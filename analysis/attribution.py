@@ -12,8 +12,7 @@ evaluates it on batches (the steps of integrated gradients, several occlusions a
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from analysis.evaluation import eval_mode
 from sdetr import Detector
 
 METHODS = ("integrated_gradients", "saliency", "occlusion", "layer_gradcam")
@@ -52,17 +52,6 @@ class Attribution:
     delta: float | None = None
     window: int | None = None
     layer: str | None = None
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode inside the block and restore its previous mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def check_image(image: Tensor) -> Tensor:

@@ -7,15 +7,31 @@ no matching is re-implemented here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from analysis.batches import DataSource, count_images, iter_batches
 from sdetr import STAT_NAMES, CocoDetection, Detector, coco_stats, postprocess, to_coco_results
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+@contextmanager
+def eval_mode(model: ModuleT) -> Iterator[ModuleT]:
+    """``model`` in eval mode (dropout off) inside the block; its previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
 
 #: Index of the final prediction among a model's decoder outputs (``-1``: the last layer).
 FINAL = -1

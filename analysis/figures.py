@@ -95,6 +95,10 @@ class Context:
             self._cache[key] = compute()
         return self._cache[key]
 
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The DataFrames computed so far, by key, in key order."""
+        return {key: value for key, value in sorted(self._cache.items()) if isinstance(value, pd.DataFrame)}
+
     @cached_property
     def first_image(self) -> tuple[torch.Tensor, dict[str, Any]]:
         return self.dataset[0]
@@ -300,10 +304,9 @@ def make_figures(
                     }
                 )
         tables = {}
-        for key, value in sorted(ctx._cache.items()):  # the numbers behind the figures
-            if isinstance(value, pd.DataFrame):
-                path = write_csv(value, out_dir / "data" / f"{key.replace('/', '_')}.csv")
-                tables[path.name] = sha256_file(path)
+        for key, frame in ctx.tables().items():  # the numbers behind the figures
+            path = write_csv(frame, out_dir / "data" / f"{key.replace('/', '_')}.csv")
+            tables[path.name] = sha256_file(path)
     finally:
         torch.set_num_threads(threads)
     manifest = {

@@ -19,8 +19,8 @@ head to 0 equals zeroing its slice ``out_proj.weight[:, h*d:(h+1)*d]`` by hand (
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from analysis.batches import DataSource, Target, count_images, iter_batches
-from analysis.evaluation import evaluate
+from analysis.evaluation import eval_mode, evaluate
+from analysis.head_statistics import site_layer
 from sdetr import CocoDetection, Detector, SetCriterion, SiteInfo, gate_heads, sites
 
 #: Sites the ablation and the pruning curve look at unless told otherwise: the stride-16 encoder,
@@ -42,22 +43,6 @@ DEFAULT_SITES = "stage2.encoder.*"
 AP_COLUMNS = ("AP", "AP50", "APs", "APm", "APl")
 IMPORTANCE_COLUMNS = ("site", "stage", "kind", "layer", "head", "heads", "importance", "importance_norm")
 SitePattern = str | Sequence[str]
-
-
-@contextmanager
-def eval_mode(model: Detector) -> Iterator[Detector]:
-    """``model`` in eval mode (dropout off) inside the block; its previous mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def site_layer(name: str) -> int:
-    """Layer index of a site name: ``stage2.encoder.1.self_attn`` -> 1."""
-    return int(name.split(".")[2])
 
 
 def matched_sites(model: Detector, pattern: SitePattern) -> list[SiteInfo]:

@@ -46,10 +46,9 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from analysis.evaluation import evaluate
+from analysis.evaluation import eval_mode, evaluate
 from analysis.head_importance import (
     ablation_table,
-    eval_mode,
     head_importance,
     matched_sites,
     plot_ablation,

@@ -24,6 +24,7 @@ from sdetr import (
     TrainConfig,
     Trainer,
     build_transforms,
+    default_cache_dir,
     generate_synthetic_coco,
     synthetic_root,
 )
@@ -79,16 +80,12 @@ class QuickRun:
         )
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SDETR_CACHE", Path.home() / ".cache" / "sdetr"))
-
-
 def quick_checkpoint(run: QuickRun | None = None, **fields: Any) -> Path:
     """Path of a checkpoint trained as ``run`` describes (fields may be given as keywords),
     training it first when the cache has none. Training writes to a temporary folder that is
     renamed into place, so an interrupted run leaves nothing half-made."""
     run = run or QuickRun(**fields)
-    final = cache_dir() / "models" / run.key()
+    final = default_cache_dir() / "models" / run.key()
     checkpoint = final / "checkpoint.pth"
     if checkpoint.is_file():
         return checkpoint
@@ -112,7 +109,7 @@ def quick_dataset(run: QuickRun | None = None, split: str = "val", **fields: Any
     """The synthetic split a :class:`QuickRun` trains / validates on, with evaluation transforms
     (generated on first use)."""
     run = run or QuickRun(**fields)
-    config = run.train_config(cache_dir())
+    config = run.train_config(default_cache_dir())
     spec = SyntheticSpec(
         num_train=config.synthetic_train,
         num_val=config.synthetic_val,

@@ -50,7 +50,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from analysis.attribution import check_image, eval_mode, explained_detection, overlay, upsample_grid
+from analysis.attribution import check_image, explained_detection, overlay, upsample_grid
+from analysis.evaluation import eval_mode
 from sdetr import Detector, SiteGrids, record, sites
 
 # ------------------------------------------------------------------------------------ rules

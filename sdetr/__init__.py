@@ -18,6 +18,7 @@ from sdetr.data import (
     SyntheticSpec,
     build_transforms,
     collate,
+    default_cache_dir,
     generate_synthetic_coco,
     load_coco,
     synthetic_image,
@@ -75,6 +76,7 @@ __all__ = [
     "load_coco",
     "synthetic_image",
     "synthetic_root",
+    "default_cache_dir",
     # training and COCO evaluation
     "NonFiniteLossError",
     "PreflightError",

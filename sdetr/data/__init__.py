@@ -2,7 +2,13 @@
 
 from sdetr.data.annotations import BadDataError, load_coco
 from sdetr.data.coco import CocoDetection, CocoPaths, collate
-from sdetr.data.synthetic import SyntheticSpec, generate_synthetic_coco, synthetic_image, synthetic_root
+from sdetr.data.synthetic import (
+    SyntheticSpec,
+    default_cache_dir,
+    generate_synthetic_coco,
+    synthetic_image,
+    synthetic_root,
+)
 from sdetr.data.transforms import SCALES, Scale, build_transforms
 
 __all__ = [
@@ -18,4 +24,5 @@ __all__ = [
     "load_coco",
     "synthetic_image",
     "synthetic_root",
+    "default_cache_dir",
 ]

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from matplotlib.axes import Axes
@@ -19,15 +17,6 @@ from sdetr import PRESETS, Detector, GridGeometry, SiteGrids, build_model, norma
 ENC2 = "stage2.encoder.1.self_attn"
 CROSS1 = "stage1.decoder.1.cross_attn"
 SELF2 = "stage2.decoder.0.self_attn"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny inputs: one thread is faster, and far faster when other processes share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,15 +84,6 @@ def self_labelled(model: Detector, folder: Path, per_image: int = 3) -> CocoDete
     (labelled / "val2017").symlink_to(plain.paths.images)
     (labelled / "annotations" / "instances_val2017.json").write_text(json.dumps(gt))
     return CocoDetection(CocoPaths(labelled, "val"), native)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread for this module: on a shared 2-core machine two threads contend badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

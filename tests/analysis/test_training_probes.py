@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,6 @@ from sdetr import Detector, GridGeometry, SiteGrids, build_model, load_model, re
 SITE = "stage2.encoder.0.self_attn"
 # two images padded into a 32x48 batch at stride 16: a 2x3 grid; the second image is 32x32 (2x2 cells)
 GEOMETRY = GridGeometry(16, (2, 3), (32, 48), ((32, 48), (32, 32)), ((2, 3), (2, 2)), ((32, 48), (32, 32)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny inputs: one thread is faster, and far faster when other processes share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
