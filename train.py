@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix = "train.py: " if rank == 0 else f"train.py [rank {rank}]: "
     trainer: Trainer | None = None
     try:
-        trainer = Trainer(config_from_args(argv))
+        trainer = Trainer.from_config(config_from_args(argv))
         trainer.run()
     except KeyboardInterrupt:
         if rank == 0:

@@ -92,7 +92,7 @@ def quick_checkpoint(run: QuickRun | None = None, **fields: Any) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{run.key()}.", dir=final.parent))
     try:
-        Trainer(run.train_config(building)).fit()
+        Trainer.from_config(run.train_config(building)).fit()
         (building / "quick_run.json").write_text(json.dumps(asdict(run), default=str, indent=1))
         try:
             building.rename(final)

@@ -30,6 +30,10 @@ from sdetr.engine import (
     PreflightError,
     TrainConfig,
     Trainer,
+    TrainingData,
+    build_criterion,
+    build_data,
+    build_training_model,
     coco_stats,
     to_coco_results,
 )
@@ -83,6 +87,10 @@ __all__ = [
     "STAT_NAMES",
     "TrainConfig",
     "Trainer",
+    "TrainingData",
+    "build_criterion",
+    "build_data",
+    "build_training_model",
     "coco_stats",
     "to_coco_results",
     # instrumentation

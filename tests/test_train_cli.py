@@ -82,15 +82,17 @@ def test_eval_and_flags_familiar_to_detr_users() -> None:
 def test_user_errors_are_one_line_and_exit_2(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(train, "Trainer", _no_trainer)
+    monkeypatch.setattr(train, "Trainer", _NoTrainer)
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("train.py: error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def _no_trainer(config: TrainConfig) -> None:
-    raise AssertionError("the config should have been refused")
+class _NoTrainer:
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> None:
+        raise AssertionError("the config should have been refused")
 
 
 def test_a_missing_resume_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -101,7 +103,8 @@ def test_a_missing_resume_file_is_one_line(tmp_path: Path, capsys: pytest.Captur
 
 def test_bugs_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     class Broken:
-        def __init__(self, config: TrainConfig) -> None:
+        @classmethod
+        def from_config(cls, config: TrainConfig) -> None:
             raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(train, "Trainer", Broken)
@@ -113,8 +116,12 @@ def test_ctrl_c_prints_the_last_checkpoint_and_the_resume_command(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     class Interrupted:
-        def __init__(self, config: TrainConfig) -> None:
+        def __init__(self) -> None:
             self.last_checkpoint, self.last_epoch = None, None
+
+        @classmethod
+        def from_config(cls, config: TrainConfig) -> Interrupted:
+            return cls()
 
         def run(self) -> None:
             self.last_checkpoint, self.last_epoch = Path("runs/a/checkpoint.pth"), 3
@@ -133,7 +140,8 @@ def test_ctrl_c_before_any_checkpoint_says_so(
     class Interrupted:
         last_checkpoint = None
 
-        def __init__(self, config: TrainConfig) -> None:
+        @classmethod
+        def from_config(cls, config: TrainConfig) -> None:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "Trainer", Interrupted)

@@ -1,5 +1,7 @@
-"""Training and evaluation: the trainer, distributed set-up, COCO evaluation, run options."""
+"""Training and evaluation: the trainer and the parts it is built from, distributed set-up, COCO
+evaluation, run options."""
 
+from sdetr.engine.components import TrainingData, build_criterion, build_data, build_training_model
 from sdetr.engine.evaluation import STAT_NAMES, coco_stats, format_stats, to_coco_results
 from sdetr.engine.options import ORIGINAL_RECIPE, TrainConfig
 from sdetr.engine.preflight import PreflightError
@@ -12,6 +14,10 @@ __all__ = [
     "PreflightError",
     "TrainConfig",
     "Trainer",
+    "TrainingData",
+    "build_criterion",
+    "build_data",
+    "build_training_model",
     "coco_stats",
     "format_stats",
     "to_coco_results",

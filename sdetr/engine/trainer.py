@@ -6,8 +6,8 @@ import json
 import math
 import random
 import time
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +17,29 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from sdetr.build import build_model, count_parameters
+from sdetr.build import count_parameters
 from sdetr.checkpoints import FORMAT_KEY, CheckpointError, load_model, read_checkpoint, save_model
 from sdetr.config import ConfigError, ModelConfig
-from sdetr.data import CocoDetection, CocoPaths, SyntheticSpec, build_transforms, collate, generate_synthetic_coco
-from sdetr.data.annotations import OnBadData
-from sdetr.data.synthetic import synthetic_root
+from sdetr.data import CocoDetection, collate
 from sdetr.engine import distributed, preflight
+from sdetr.engine.components import TrainingData, build_criterion, build_data, build_training_model
 from sdetr.engine.distributed import DistributedContext
-from sdetr.engine.evaluation import coco_stats, format_stats, to_coco_results, write_json_atomic
+from sdetr.engine.evaluation import STAT_NAMES, coco_stats, format_stats, to_coco_results, write_json_atomic
 from sdetr.engine.options import TrainConfig
 from sdetr.engine.preflight import PreflightError
 from sdetr.errors import UserError
 from sdetr.instrument import record
-from sdetr.model.criterion import CriterionConfig, SetCriterion
+from sdetr.model.criterion import SetCriterion
 from sdetr.model.detector import Detector
 from sdetr.model.postprocess import postprocess
 
+#: The files a run writes in ``output_dir`` (probe recordings go to ``RECORDINGS_DIR`` there).
 CHECKPOINT_NAME = "checkpoint.pth"
-
+LOG_NAME = "log.txt"
+DETECTIONS_NAME = "detections_val.json"
+RECORDINGS_DIR = "recordings"
+#: At most this many parameter or prediction names are listed in a non-finite error.
+SHOWN_NAMES = 6
 
 #: Entries of this project's training checkpoints that ``--resume`` needs.
 RESUME_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "epoch", "rng", "config")
@@ -46,35 +50,6 @@ SCHEDULE_OPTIONS = ("lr", "lr_backbone", "weight_decay", "lr_drop")
 class NonFiniteLossError(UserError, FloatingPointError):
     """Predictions, a loss or the weights became NaN or infinite; training stops and the last good
     checkpoint is kept (a checkpoint is never written with non-finite weights)."""
-
-
-@dataclass
-class Data:
-    train: CocoDetection
-    val: CocoDetection
-    root: Path
-
-
-def prepare_data(config: TrainConfig, ctx: DistributedContext) -> Data:
-    """The COCO folder at ``coco_path``, or the synthetic set (made by the main process first)."""
-    if config.coco_path is None:
-        spec = SyntheticSpec(
-            num_train=config.synthetic_train,
-            num_val=config.synthetic_val,
-            seed=config.synthetic_seed,
-            class_hues=config.synthetic_class_hues,
-        )
-        if ctx.is_main:
-            generate_synthetic_coco(spec)
-        distributed.barrier(ctx)  # the others wait for the main process, then read its folder
-        root = synthetic_root(spec)
-        scale = config.scale or "synthetic"
-    else:
-        root, scale = Path(config.coco_path), config.scale or "full"
-    on_bad: OnBadData = "skip" if config.skip_bad_data else "error"
-    train = CocoDetection(CocoPaths(root, "train"), build_transforms(scale, True, config.augment), on_bad)
-    val = CocoDetection(CocoPaths(root, "val"), build_transforms(scale, False), on_bad)
-    return Data(train, val, root)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -96,40 +71,70 @@ def _targets_to(targets: list[dict[str, Any]], device: torch.device) -> list[dic
     return [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
 
 
-class Trainer:
-    """Builds data, model, optimiser and schedule from a :class:`TrainConfig` and runs them."""
+class LossAverages:
+    """Means of named losses over the steps of a loop, with the criterion's ``total`` named ``loss``
+    (as in the logs). Shared by :meth:`Trainer.train_one_epoch` and :meth:`Trainer.evaluate`."""
 
-    def __init__(self, config: TrainConfig, ctx: DistributedContext | None = None) -> None:
-        """Set everything up and run the pre-flight checks (:mod:`sdetr.engine.preflight`): any
-        problem that can be known before the first training step is raised here.
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        #: The number of :meth:`add` calls so far.
+        self.steps = 0
+
+    def add(self, losses: Mapping[str, float]) -> None:
+        """Add one step's losses."""
+        for key, value in losses.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        self.steps += 1
+
+    def means(self, ctx: DistributedContext | None = None) -> dict[str, float]:
+        """The mean of each loss over the steps (empty before the first step); with ``ctx``, these
+        means averaged over the processes too (every process must call it)."""
+        means = {key: value / max(self.steps, 1) for key, value in self._sums.items()}
+        if ctx is not None:
+            means = distributed.mean_over_processes(means, ctx)
+        return {("loss" if key == "total" else key): value for key, value in means.items()}
+
+
+class Trainer:
+    """Trains and evaluates a model on its data with its criterion: optimiser, learning-rate
+    schedule, mixed precision, several processes, checkpoints, logs and probes.
+
+    :meth:`from_config` builds the parts from a :class:`TrainConfig` and checks them before the
+    first step; the constructor takes parts built elsewhere (:mod:`sdetr.engine.components`).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        model: Detector,
+        data: TrainingData,
+        criterion: SetCriterion,
+        ctx: DistributedContext,
+        notes: Sequence[str] = (),
+    ) -> None:
+        """Build the optimiser, schedule, gradient scaler and (with several processes) the DDP
+        wrapper around ``model``, then resume ``config.resume`` or clear the run with ``overwrite``.
+
+        ``model`` and ``criterion`` must be on ``ctx.device``; the parts are used as given (the
+        pre-flight checks are :meth:`from_config`'s). ``notes``: what the pre-flight changed or
+        skipped; the main process prints them with the resume notes.
 
         Raises:
-            ConfigError, PreflightError, BadDataError, CheckpointError: with the flag or file to fix.
+            CheckpointError, PreflightError: ``config.resume`` cannot be continued.
         """
-        config.validate()
         self.config = config
-        self.ctx = ctx or distributed.setup(config.device)
+        self.ctx = ctx
+        self.model = model
+        self.data = data
+        self.criterion = criterion
         self.output_dir = Path(config.output_dir)
         #: The last checkpoint known to be good (written by this run, or resumed from), and its epoch.
         self.last_checkpoint: Path | None = None
         self.last_epoch: int | None = None
-        self.notes: list[str] = []  # what the pre-flight changed or skipped (printed by the main process)
-        preflight.check_output_dir(config, self.output_dir / CHECKPOINT_NAME)
-        torch.manual_seed(config.seed + self.ctx.rank)
-        random.seed(config.seed + self.ctx.rank)
-        self.data = prepare_data(config, self.ctx)
-        splits = {"val": self.data.val} if config.eval_only else {"train": self.data.train, "val": self.data.val}
-        self.notes += preflight.check_images(splits, config.skip_bad_data, progress=self.ctx.is_main)
-        preflight.check_steps(config, len(self.data.train), len(self.data.val), self.ctx.world_size)
-        num_classes = max(max(self.data.train.coco.cats), max(self.data.val.coco.cats)) + 1
+        self.notes: list[str] = list(notes)  # what the pre-flight changed or skipped (printed by the main process)
         self.start_epoch = 0
-        self.model = self._build_model(num_classes)
-        preflight.check_classes(self.model, splits)
-        preflight.check_probe(self.model, config, self.data.val)
         self.n_parameters = count_parameters(self.model)
-        self.criterion = SetCriterion(
-            self.model.config.num_classes, CriterionConfig(encoder_weight=config.encoder_loss)
-        ).to(self.ctx.device)
         backbone = [p for n, p in self.model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -154,15 +159,33 @@ class Trainer:
             for note in self.notes:
                 tqdm.write(note)
 
-    # ------------------------------------------------------------------ set-up
-    def _build_model(self, num_classes: int) -> Detector:
-        config = self.config
-        if config.eval_only:
-            assert config.resume is not None  # TrainConfig.validate
-            return load_model(config.resume, device=self.ctx.device)
-        overrides = {"num_classes": num_classes, **config.model_overrides}
-        return build_model(config.preset, **overrides).to(self.ctx.device)
+    @classmethod
+    def from_config(cls, config: TrainConfig, ctx: DistributedContext | None = None) -> Trainer:
+        """Build data, model and criterion from ``config`` and run the pre-flight checks
+        (:mod:`sdetr.engine.preflight`): any problem that can be known before the first training
+        step is raised here.
 
+        Without ``ctx``, the processes are set up from torchrun's environment.
+
+        Raises:
+            ConfigError, PreflightError, BadDataError, CheckpointError: with the flag or file to fix.
+        """
+        config.validate()
+        ctx = ctx or distributed.setup(config.device)
+        preflight.check_output_dir(config, Path(config.output_dir) / CHECKPOINT_NAME)
+        torch.manual_seed(config.seed + ctx.rank)
+        random.seed(config.seed + ctx.rank)
+        data = build_data(config, ctx)
+        splits = {"val": data.val} if config.eval_only else {"train": data.train, "val": data.val}
+        notes = preflight.check_images(splits, config.skip_bad_data, progress=ctx.is_main)
+        preflight.check_steps(config, len(data.train), len(data.val), ctx.world_size)
+        model = build_training_model(config, data.num_classes, ctx.device)
+        preflight.check_classes(model, splits)
+        preflight.check_probe(model, config, data.val)
+        criterion = build_criterion(config, model.config.num_classes, ctx.device)
+        return cls(config, model=model, data=data, criterion=criterion, ctx=ctx, notes=notes)
+
+    # ------------------------------------------------------------------ set-up
     def _resume(self, path: Path) -> None:
         """Continue a run: weights, optimiser, schedule, scaler and RNG states from ``path``.
 
@@ -274,20 +297,20 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         self.ddp.train()
         loader = self._loader(self.data.train, train=True, epoch=epoch)
-        sums: dict[str, float] = {}
-        steps = 0
+        averages = LossAverages()  # of the per-step means over processes
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not self.ctx.is_main, leave=False)
         for images, targets in bar:
             images = [image.to(self.ctx.device) for image in images]
             targets = _targets_to(targets, self.ctx.device)
             outputs = self._forward(images)
-            self._check_outputs(outputs, f"epoch {epoch}, step {steps}")  # before the matcher sees them
+            self._check_outputs(outputs, f"epoch {epoch}, step {averages.steps}")  # before the matcher sees them
             losses = self.criterion(outputs, targets)
             logged = distributed.mean_over_processes({k: float(v.detach()) for k, v in losses.items()}, self.ctx)
             bad = {k: v for k, v in logged.items() if not math.isfinite(v)}
             if bad:
                 raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch}, step {steps} (non-finite: {bad}; total {logged['total']}). "
+                    f"non-finite loss at epoch {epoch}, step {averages.steps} "
+                    f"(non-finite: {bad}; total {logged['total']}). "
                     f"Training stopped; {self._last_good()}. Lower --lr or use --clip_max_norm."
                 )
             self.optimizer.zero_grad(set_to_none=True)
@@ -297,13 +320,11 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_max_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            for key, value in logged.items():
-                sums[key] = sums.get(key, 0.0) + value
-            steps += 1
+            averages.add(logged)
             bar.set_postfix(loss=f"{logged['total']:.3f}", ce=f"{logged['loss_ce']:.3f}")
-        averages = {("loss" if k == "total" else k): v / max(steps, 1) for k, v in sums.items()}
-        averages["lr"] = self.optimizer.param_groups[0]["lr"]
-        return averages
+        means = averages.means()
+        means["lr"] = self.optimizer.param_groups[0]["lr"]
+        return means
 
     @torch.no_grad()
     def evaluate(self, save_detections: Path | None = None) -> tuple[list[float], dict[str, float]]:
@@ -312,27 +333,24 @@ class Trainer:
         loader = self._loader(self.data.val, train=False)
         results: list[dict[str, Any]] = []
         image_ids: list[int] = []
-        sums: dict[str, float] = {}
-        steps = 0
+        averages = LossAverages()  # of this process's steps
         for images, targets in tqdm(loader, desc="evaluate", disable=not self.ctx.is_main, leave=False):
             images = [image.to(self.ctx.device) for image in images]
             targets = _targets_to(targets, self.ctx.device)
             outputs = self._forward(images)
-            self._check_outputs(outputs, f"evaluation step {steps}")
-            for key, value in self.criterion(outputs, targets).items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            steps += 1
+            self._check_outputs(outputs, f"evaluation step {averages.steps}")
+            averages.add({key: float(value) for key, value in self.criterion(outputs, targets).items()})
             sizes = torch.stack([t["orig_size"] for t in targets])
             ids = [int(t["image_id"]) for t in targets]
             results += to_coco_results(postprocess(outputs, sizes), ids)
             image_ids += ids
         results = distributed.gather_objects(results, self.ctx)
         image_ids = distributed.gather_objects(image_ids, self.ctx)
-        losses = distributed.mean_over_processes({k: v / max(steps, 1) for k, v in sums.items()}, self.ctx)
-        stats = coco_stats(self.data.val.coco, results, image_ids) if self.ctx.is_main else [0.0] * 12
+        losses = averages.means(self.ctx)  # this process's means, averaged over the processes
+        stats = coco_stats(self.data.val.coco, results, image_ids) if self.ctx.is_main else [0.0] * len(STAT_NAMES)
         if save_detections is not None and self.ctx.is_main:
             write_json_atomic(results, save_detections)
-        return stats, {("loss" if k == "total" else k): v for k, v in losses.items()}
+        return stats, losses
 
     def record_probe(self, epoch: int) -> Path | None:
         """Record ``probe_sites`` on the first ``probe_images`` validation images (main process)."""
@@ -344,7 +362,7 @@ class Trainer:
         self.model.eval()
         with torch.no_grad(), record(self.model, sites=self.config.probe_sites) as rec:
             self.model(images)
-        return rec.save(self.output_dir / "recordings" / f"epoch_{epoch:04d}.safetensors")
+        return rec.save(self.output_dir / RECORDINGS_DIR / f"epoch_{epoch:04d}.safetensors")
 
     def save_checkpoint(self, epoch: int) -> Path | None:
         """All processes' RNG states are gathered; the main process writes atomically.
@@ -382,7 +400,8 @@ class Trainer:
         if distributed.all_processes(finite, self.ctx):
             return
         names = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
-        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        shown = ", ".join(names[:SHOWN_NAMES])
+        shown += f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else ""
         source = shown if names else "on another process"
         raise NonFiniteLossError(
             f"non-finite predictions at {where} ({source}), before the losses: the weights diverged. "
@@ -396,7 +415,8 @@ class Trainer:
             return
         names = [name for name, p in parameters.items() if not torch.isfinite(p).all()]
         raise NonFiniteLossError(
-            f"non-finite weights at {where} ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}); "
+            f"non-finite weights at {where} ({', '.join(names[:SHOWN_NAMES])}"
+            f"{' ...' if len(names) > SHOWN_NAMES else ''}); "
             f"no checkpoint was written. Training stopped; {self._last_good()}. Lower --lr or use --clip_max_norm."
         )
 
@@ -414,7 +434,7 @@ class Trainer:
             entry: dict[str, Any] = {f"train_{k}": v for k, v in train_stats.items()}
             last = epoch == config.epochs - 1
             if config.eval_every > 0 and ((epoch + 1) % config.eval_every == 0 or last):
-                detections = self.output_dir / "detections_val.json" if last else None
+                detections = self.output_dir / DETECTIONS_NAME if last else None
                 stats, val_losses = self.evaluate(detections)
                 entry.update({f"test_{k}": v for k, v in val_losses.items()})
                 entry["test_coco_eval_bbox"] = stats
@@ -427,7 +447,7 @@ class Trainer:
             )
             self.save_checkpoint(epoch)
             if self.ctx.is_main:
-                with (self.output_dir / "log.txt").open("a") as log:
+                with (self.output_dir / LOG_NAME).open("a") as log:
                     log.write(json.dumps(entry) + "\n")
             entries.append(entry)
         return entries
@@ -436,7 +456,7 @@ class Trainer:
         """``fit``, or with ``eval_only`` one evaluation (stats printed, detections saved)."""
         if not self.config.eval_only:
             return self.fit()
-        stats, losses = self.evaluate(self.output_dir / "detections_val.json")
+        stats, losses = self.evaluate(self.output_dir / DETECTIONS_NAME)
         if self.ctx.is_main:
             print(format_stats(stats))
         return [{"test_coco_eval_bbox": stats, **{f"test_{k}": v for k, v in losses.items()}}]

@@ -195,7 +195,7 @@ def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainerRun
         config = TrainConfig(
             synthetic_train=2, synthetic_val=4, epochs=1, batch_size=2, output_dir=str(root / "out"), device="cpu"
         )
-        trainer = Trainer(config)
+        trainer = Trainer.from_config(config)
         stats, _ = trainer.evaluate(save_detections=root / "detections_val.json")
         yield TrainerRun(trainer, stats, root / "detections_val.json")
 

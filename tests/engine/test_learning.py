@@ -20,7 +20,7 @@ def test_fits_eight_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         output_dir=str(tmp_path / "out"), device="cpu",
         encoder_loss=0.0, synthetic_class_hues=False,  # DETR's own criterion alone, on the harder any-colour set
     )  # fmt: skip
-    trainer = Trainer(config)
+    trainer = Trainer.from_config(config)
     first = trainer.train_one_epoch(0)
     for epoch in range(1, config.epochs):
         last = trainer.train_one_epoch(epoch)
@@ -44,7 +44,7 @@ def test_dense_encoder_losses_fit_eight_images(tmp_path: Path, monkeypatch: pyte
         output_dir=str(tmp_path / "out"), device="cpu",
     )  # fmt: skip
     assert config.encoder_loss > 0
-    trainer = Trainer(config)
+    trainer = Trainer.from_config(config)
     first = trainer.train_one_epoch(0)
     for epoch in range(1, config.epochs):
         last = trainer.train_one_epoch(epoch)

@@ -86,9 +86,9 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(
     with pytest.raises(
         PreflightError, match=r"already holds a run \(checkpoint.pth, log.txt\); .*--resume .*--overwrite"
     ):
-        Trainer(config(tmp_path))
+        Trainer.from_config(config(tmp_path))
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == b"earlier run"
-    Trainer(config(tmp_path, overwrite=True))
+    Trainer.from_config(config(tmp_path, overwrite=True))
     assert not (tmp_path / "log.txt").exists() and not (tmp_path / CHECKPOINT_NAME).exists()
 
 
@@ -96,9 +96,9 @@ def test_an_output_folder_that_cannot_be_written_is_refused(tmp_path: Path, monk
     no_training(monkeypatch)
     (tmp_path / "file").write_text("")
     with pytest.raises(PreflightError, match=r"--output_dir .*file is a file, not a folder"):
-        Trainer(config(tmp_path / "file"))
+        Trainer.from_config(config(tmp_path / "file"))
     with pytest.raises(PreflightError, match=r"--output_dir .*file/run is not writable \(Not a directory\)"):
-        Trainer(config(tmp_path / "file" / "run"))
+        Trainer.from_config(config(tmp_path / "file" / "run"))
 
 
 def test_probe_sites_and_steps_are_checked_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,15 +107,15 @@ def test_probe_sites_and_steps_are_checked_before_training(tmp_path: Path, monke
     with pytest.raises(
         PreflightError, match=r"--probe_sites 'stage3.\*': .*matches no attention site; available: stage1"
     ):
-        Trainer(config(tmp_path / "a", probe_sites="stage3.*"))
+        Trainer.from_config(config(tmp_path / "a", probe_sites="stage3.*"))
     with pytest.raises(
         PreflightError,
         match=r"0 training steps: 4 training image\(s\) \(--max_train_images 4\) .* --batch_size 5"
         r".*use --batch_size 4 or less",
     ):
-        Trainer(config(tmp_path / "b", batch_size=5))
+        Trainer.from_config(config(tmp_path / "b", batch_size=5))
     with pytest.raises(PreflightError, match=r"0 training steps: 6 training image\(s\) over 1 .*--batch_size 7"):
-        Trainer(config(tmp_path / "c", batch_size=7, max_train_images=None))
+        Trainer.from_config(config(tmp_path / "c", batch_size=7, max_train_images=None))
 
 
 def write_coco(root: Path, count: int = 4) -> None:
@@ -141,11 +141,11 @@ def test_every_bad_image_of_both_splits_is_reported_before_training(
     (tmp_path / "coco" / "train2017" / "3.png").write_bytes(b"")
     no_training(monkeypatch)
     with pytest.raises(BadDataError, match=r"2 image file\(s\) cannot be used") as caught:
-        Trainer(config(tmp_path / "out", coco_path=str(tmp_path / "coco"), scale="synthetic"))
+        Trainer.from_config(config(tmp_path / "out", coco_path=str(tmp_path / "coco"), scale="synthetic"))
     assert str(tmp_path / "coco" / "train2017" / "3.png") in str(caught.value)
     assert str(tmp_path / "coco" / "val2017" / "2.png") in str(caught.value)
     with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
-        trainer = Trainer(
+        trainer = Trainer.from_config(
             config(
                 tmp_path / "out", coco_path=str(tmp_path / "coco"), scale="synthetic", skip_bad_data=True, batch_size=2
             )
@@ -159,7 +159,7 @@ def test_skipped_images_are_never_replaced_by_images_outside_the_subset(tmp_path
     write_coco(tmp_path / "coco", count=6)
     (tmp_path / "coco" / "train2017" / "2.png").write_bytes(b"not an image")
     with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
-        trainer = Trainer(
+        trainer = Trainer.from_config(
             config(
                 tmp_path / "out", coco_path=str(tmp_path / "coco"), scale="synthetic", skip_bad_data=True, batch_size=1
             )
@@ -171,7 +171,7 @@ def test_skipped_images_are_never_replaced_by_images_outside_the_subset(tmp_path
 
 def test_non_finite_weights_stop_before_the_matcher_and_are_never_saved(tmp_path: Path) -> None:
     """Issue 11: NaN weights died in the matcher ('matrix contains invalid numeric entries')."""
-    trainer = Trainer(config(tmp_path))
+    trainer = Trainer.from_config(config(tmp_path))
     with torch.no_grad():
         trainer.model.class_embed.weight[0, 0] = float("nan")
     with pytest.raises(
@@ -189,14 +189,14 @@ def test_a_diverging_learning_rate_stops_with_non_finite_loss_error(tmp_path: Pa
         match=r"non-finite predictions at epoch 1, step 0 \(pred_logits, .*before the losses.*"
         r"the last good checkpoint is .*checkpoint.pth \(epoch 0\)\. Lower --lr",
     ):
-        Trainer(config(tmp_path, lr=1e9, epochs=2)).run()
+        Trainer.from_config(config(tmp_path, lr=1e9, epochs=2)).run()
     kept = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert kept["epoch"] == 0 and all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
 def test_a_nan_from_the_last_update_of_an_epoch_is_not_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 11: a NaN injected in the last step of an epoch was saved in the checkpoint."""
-    trainer = Trainer(config(tmp_path, epochs=2))
+    trainer = Trainer.from_config(config(tmp_path, epochs=2))
     train_one_epoch = trainer.train_one_epoch
 
     def poisoned(epoch: int) -> dict[str, float]:
@@ -223,7 +223,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("finished")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SDETR_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        Trainer(config(output, epochs=1)).run()
+        Trainer.from_config(config(output, epochs=1)).run()
     return output
 
 
@@ -234,7 +234,7 @@ def test_resuming_a_finished_run_is_refused(finished_run: Path, monkeypatch: pyt
     with pytest.raises(
         PreflightError, match=r"finished epoch 0 \(1 epoch\(s\)\) and --epochs is 1.*--epochs N with N > 1"
     ):
-        Trainer(config(finished_run, resume=checkpoint))
+        Trainer.from_config(config(finished_run, resume=checkpoint))
 
 
 def test_resume_flags_win_over_the_checkpoint_and_are_noted(
@@ -243,7 +243,9 @@ def test_resume_flags_win_over_the_checkpoint_and_are_noted(
     """Issue 11: --resume silently ignored an explicit --lr / --lr_backbone."""
     no_training(monkeypatch)
     checkpoint = str(finished_run / CHECKPOINT_NAME)
-    trainer = Trainer(config(finished_run, resume=checkpoint, epochs=3, lr=1e-3, lr_backbone=2e-5, lr_drop=2))
+    trainer = Trainer.from_config(
+        config(finished_run, resume=checkpoint, epochs=3, lr=1e-3, lr_backbone=2e-5, lr_drop=2)
+    )
     assert trainer.start_epoch == 1
     # the schedule reached epoch 1 of step decay every 2 epochs: no decay yet
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-3, 2e-5]
@@ -264,7 +266,7 @@ def test_resume_into_another_architecture_is_refused_with_the_list(
         PreflightError,
         match=r"model differs.*\n  hidden_dim: checkpoint 32, this run 64\n  ffn_dim: checkpoint 32, this run 64",
     ):
-        Trainer(
+        Trainer.from_config(
             config(
                 finished_run,
                 resume=checkpoint,

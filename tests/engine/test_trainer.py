@@ -1,4 +1,5 @@
-"""The trainer: resume exactness, 2-process equivalence (gloo), failure handling, logs, probes."""
+"""The trainer: resume exactness, 2-process equivalence (gloo), failure handling, logs, probes,
+parts built outside it, loss averages."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from PIL import Image
 
 from sdetr import load_recording
 from sdetr.data.synthetic import SyntheticSpec, render_scene
-from sdetr.engine import NonFiniteLossError, TrainConfig, Trainer
-from sdetr.engine.trainer import CHECKPOINT_NAME
+from sdetr.engine import NonFiniteLossError, TrainConfig, Trainer, build_data, build_training_model
+from sdetr.engine.distributed import DistributedContext
+from sdetr.engine.trainer import CHECKPOINT_NAME, LossAverages
+from sdetr.model import CriterionConfig, SetCriterion
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL_MODEL = {"hidden_dim": 32, "ffn_dim": 32, "num_queries": 6}
@@ -52,11 +55,11 @@ def final_state(output: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     """2 epochs straight == 1 epoch, resume, 1 more (augmentation on: RNG state is restored)."""
-    Trainer(small_config(tmp_path / "straight")).run()
-    Trainer(small_config(tmp_path / "split", epochs=1)).run()
+    Trainer.from_config(small_config(tmp_path / "straight")).run()
+    Trainer.from_config(small_config(tmp_path / "split", epochs=1)).run()
     first_half = torch.load(tmp_path / "split" / CHECKPOINT_NAME, weights_only=True)
     assert first_half["epoch"] == 0
-    resumed = Trainer(small_config(tmp_path / "split", resume=str(tmp_path / "split" / CHECKPOINT_NAME)))
+    resumed = Trainer.from_config(small_config(tmp_path / "split", resume=str(tmp_path / "split" / CHECKPOINT_NAME)))
     assert resumed.start_epoch == 1 and resumed.scheduler.last_epoch == 1
     resumed.run()
     straight, split = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
@@ -69,7 +72,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 
 
 def test_log_evaluation_and_detections(tmp_path: Path) -> None:
-    entries = Trainer(small_config(tmp_path, epochs=1, eval_every=1, probe_sites="stage2.encoder.*")).run()
+    entries = Trainer.from_config(small_config(tmp_path, epochs=1, eval_every=1, probe_sites="stage2.encoder.*")).run()
     entry = json.loads((tmp_path / "log.txt").read_text().splitlines()[0])
     assert entry == entries[0]  # JSON round-trips floats exactly
     for key in (
@@ -89,13 +92,15 @@ def test_log_evaluation_and_detections(tmp_path: Path) -> None:
     rec = load_recording(tmp_path / "recordings" / "epoch_0000.safetensors")
     assert sorted(rec) == ["stage2.encoder.0.self_attn", "stage2.encoder.1.self_attn"]
     assert rec["stage2.encoder.0.self_attn"].a.shape[0] == 2  # the probe batch: 2 val images
-    evaluated = Trainer(small_config(tmp_path / "eval", eval_only=True, resume=str(tmp_path / CHECKPOINT_NAME))).run()
+    evaluated = Trainer.from_config(
+        small_config(tmp_path / "eval", eval_only=True, resume=str(tmp_path / CHECKPOINT_NAME))
+    ).run()
     assert evaluated[0]["test_coco_eval_bbox"] == pytest.approx(entry["test_coco_eval_bbox"])
     assert (tmp_path / "eval" / "detections_val.json").is_file()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    trainer = Trainer(small_config(tmp_path, epochs=3))
+    trainer = Trainer.from_config(small_config(tmp_path, epochs=3))
     original = trainer.criterion.forward
     calls = {"n": 0}
 
@@ -193,10 +198,41 @@ def test_two_gloo_processes_equal_one_process_with_the_combined_batch(tmp_path: 
 
 
 def test_bf16_mixed_precision_trains(tmp_path: Path) -> None:
-    trainer = Trainer(small_config(tmp_path, epochs=1, precision="bf16"))
+    trainer = Trainer.from_config(small_config(tmp_path, epochs=1, precision="bf16"))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     entry = trainer.run()[0]
     assert all(np.isfinite(v) for k, v in entry.items() if k.startswith("train_loss"))
     after = trainer.model.state_dict()
     assert after["class_embed.weight"].dtype == torch.float32  # master weights stay fp32
     assert not torch.equal(before["class_embed.weight"], after["class_embed.weight"])
+
+
+def test_the_trainer_uses_the_parts_it_is_handed(tmp_path: Path) -> None:
+    """Issue 10: data, model and criterion are built outside the trainer and used as they are."""
+    config = small_config(tmp_path, epochs=1)
+    assert config.encoder_loss > 0  # from_config's criterion would add the dense encoder losses
+    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    data = build_data(config, ctx)
+    model = build_training_model(config, data.num_classes, ctx.device)
+    criterion = SetCriterion(model.config.num_classes, CriterionConfig(encoder_weight=0.0))
+    trainer = Trainer(config, model=model, data=data, criterion=criterion, ctx=ctx, notes=["a note"])
+    assert trainer.model is model and trainer.data is data and trainer.criterion is criterion and trainer.ctx is ctx
+    assert trainer.notes == ["a note"] and trainer.start_epoch == 0
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in model.parameters() if p.requires_grad}
+    before = model.class_embed.weight.detach().clone()
+    stats = trainer.train_one_epoch(0)
+    assert not torch.equal(before, model.class_embed.weight)  # the handed-in model is the one trained
+    assert "loss_ce" in stats and not [key for key in stats if "_enc" in key]  # the handed-in criterion's losses
+
+
+def test_loss_averages_are_means_over_steps_with_total_named_loss() -> None:
+    averages = LossAverages()
+    assert averages.means() == {} and averages.steps == 0
+    averages.add({"total": 1.0, "loss_ce": 0.5})
+    averages.add({"total": 2.0, "loss_ce": 0.25})
+    averages.add({"total": 6.0, "loss_ce": 0.75})
+    assert averages.steps == 3
+    assert averages.means() == {"loss": 3.0, "loss_ce": 0.5}
+    one_process = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert averages.means(one_process) == {"loss": 3.0, "loss_ce": 0.5}

@@ -1,0 +1,75 @@
+"""The parts of a training run built from a :class:`TrainConfig`: the data, the model and the criterion.
+
+:meth:`sdetr.engine.Trainer.from_config` builds them (with the pre-flight checks between) and hands
+them to the :class:`~sdetr.engine.Trainer`; built by hand, they can be changed before they are handed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdetr.build import build_model
+from sdetr.checkpoints import load_model
+from sdetr.data import CocoDetection, CocoPaths, SyntheticSpec, build_transforms, generate_synthetic_coco
+from sdetr.data.annotations import OnBadData
+from sdetr.data.synthetic import synthetic_root
+from sdetr.engine import distributed
+from sdetr.engine.distributed import DistributedContext
+from sdetr.engine.options import TrainConfig
+from sdetr.model.criterion import CriterionConfig, SetCriterion
+from sdetr.model.detector import Detector
+
+
+@dataclass
+class TrainingData:
+    """The training and validation splits of a run, and the COCO folder they are read from."""
+
+    train: CocoDetection
+    val: CocoDetection
+    root: Path
+
+    @property
+    def num_classes(self) -> int:
+        """One more than the largest category id of either split (the model's ``num_classes``)."""
+        return max(max(self.train.coco.cats), max(self.val.coco.cats)) + 1
+
+
+def build_data(config: TrainConfig, ctx: DistributedContext) -> TrainingData:
+    """The COCO folder at ``coco_path``, or the synthetic set (made by the main process first)."""
+    if config.coco_path is None:
+        spec = SyntheticSpec(
+            num_train=config.synthetic_train,
+            num_val=config.synthetic_val,
+            seed=config.synthetic_seed,
+            class_hues=config.synthetic_class_hues,
+        )
+        if ctx.is_main:
+            generate_synthetic_coco(spec)
+        distributed.barrier(ctx)  # the others wait for the main process, then read its folder
+        root = synthetic_root(spec)
+        scale = config.scale or "synthetic"
+    else:
+        root, scale = Path(config.coco_path), config.scale or "full"
+    on_bad: OnBadData = "skip" if config.skip_bad_data else "error"
+    train = CocoDetection(CocoPaths(root, "train"), build_transforms(scale, True, config.augment), on_bad)
+    val = CocoDetection(CocoPaths(root, "val"), build_transforms(scale, False), on_bad)
+    return TrainingData(train, val, root)
+
+
+def build_training_model(config: TrainConfig, num_classes: int, device: torch.device) -> Detector:
+    """A new ``preset`` model with ``model_overrides`` and ``num_classes`` classes on ``device``, or
+    with ``eval_only`` the ``resume`` checkpoint's model (its own ``num_classes``)."""
+    if config.eval_only:
+        assert config.resume is not None  # TrainConfig.validate
+        return load_model(config.resume, device=device)
+    overrides = {"num_classes": num_classes, **config.model_overrides}
+    return build_model(config.preset, **overrides).to(device)
+
+
+def build_criterion(config: TrainConfig, num_classes: int, device: torch.device) -> SetCriterion:
+    """DETR's set criterion for ``num_classes`` classes, with the dense encoder losses weighted by
+    ``encoder_loss`` (0: the original criterion)."""
+    return SetCriterion(num_classes, CriterionConfig(encoder_weight=config.encoder_loss)).to(device)
