@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from sdetr import SetCriterion, build_model, load_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 REFERENCE: Any = importlib.import_module("tests.reference_impl")  # the test suite's re-statement (untyped)
 
+PREDICTIONS = ("pred_logits", "pred_boxes")
 DEFAULT_CASES = ("sdetr:512x512x2", "detr:512x512x2", "sdetr:800x1333x1", "detr:800x1333x1")
 
 
@@ -53,24 +55,40 @@ def targets_for(batch: int, generator: torch.Generator) -> list[dict[str, Tensor
     return out
 
 
-def eval_step(model: nn.Module, images: Tensor, mask: Tensor) -> Callable[[], Any]:
+def autocast(dtype: torch.dtype | None) -> Any:
+    """bf16 autocast on the CPU for the ``bf16`` variants, nothing otherwise."""
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
+
+
+def eval_step(model: nn.Module, images: Tensor, mask: Tensor, dtype: torch.dtype | None = None) -> Callable[[], Any]:
     def step() -> Any:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(dtype):
             return model(images, mask)
 
     return step
 
 
-def train_step(model: nn.Module, images: Tensor, mask: Tensor, targets: list[dict[str, Tensor]]) -> Callable[[], Any]:
+def train_step(
+    model: nn.Module, images: Tensor, mask: Tensor, targets: list[dict[str, Tensor]], dtype: torch.dtype | None = None
+) -> Callable[[], Any]:
     criterion = SetCriterion(num_classes=91)
 
     def step() -> Any:
         model.zero_grad(set_to_none=True)
-        loss = criterion(model(images, mask), targets)["total"]
+        with autocast(dtype):
+            outputs = model(images, mask)
+        loss = criterion(float_outputs(outputs), targets)["total"]
         loss.backward()
         return loss
 
     return step
+
+
+def float_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
+    """Predictions in float32 (the criterion's precision, whatever the autocast dtype)."""
+    out = {k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}
+    out["aux_outputs"] = [{k: aux[k].float() for k in ("pred_logits", "pred_boxes")} for aux in outputs["aux_outputs"]]
+    return out
 
 
 def interleaved(steps: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
@@ -86,25 +104,39 @@ def interleaved(steps: dict[str, Callable[[], Any]], rounds: int) -> dict[str, f
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def compare_case(preset: str, height: int, width: int, batch: int, rounds: int) -> dict[str, Any]:
+def variants(reference: nn.Module, compiled: bool) -> dict[str, tuple[nn.Module, torch.dtype | None]]:
+    """The models compared, each with its autocast dtype (None: float32), same weights."""
+    state = reference.state_dict()
+    out: dict[str, tuple[nn.Module, torch.dtype | None]] = {
+        "original": (reference, None),
+        "sdetr": (load_model(state), None),
+        "fold": (load_model(state).set_fast(True, channels_last=False), None),
+        "fast": (load_model(state, fast=True), None),
+        "fast bf16": (load_model(state, fast=True), torch.bfloat16),
+    }
+    if compiled:
+        out["fast compiled"] = (load_model(state, fast=True, compile=True), None)
+    return out
+
+
+def compare_case(preset: str, height: int, width: int, batch: int, rounds: int, compiled: bool) -> dict[str, Any]:
     reference = REFERENCE.randomize_(REFERENCE.RefSDETR() if preset == "sdetr" else REFERENCE.RefDETR(), seed=1)
-    ours = load_model(reference.state_dict())
-    fast = load_model(reference.state_dict()).set_fast(True)
+    models = variants(reference, compiled)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, height, width, generator=generator)
     mask = torch.zeros(batch, height, width, dtype=torch.bool)
-    models = {"original": reference, "sdetr": ours, "sdetr fast": fast}
-    outputs = {name: eval_step(model, images, mask)() for name, model in models.items()}
+    outputs = {name: eval_step(model, images, mask, dtype)() for name, (model, dtype) in models.items()}
     max_diff = {
-        name: max(float((outputs[name][k] - outputs["original"][k]).abs().max()) for k in ("pred_logits", "pred_boxes"))
-        for name in ("sdetr", "sdetr fast")
+        name: max(float((outputs[name][k].float() - outputs["original"][k]).abs().max()) for k in PREDICTIONS)
+        for name in models
     }
-    eval_times = interleaved({name: eval_step(m, images, mask) for name, m in models.items()}, rounds)
+    eval_times = interleaved({name: eval_step(m, images, mask, d) for name, (m, d) in models.items()}, rounds)
     targets = targets_for(batch, generator)
-    for model in models.values():
+    for model, _ in models.values():
         model.train()  # dropout is 0.1 in both; frozen batch norm is unaffected
     torch.manual_seed(0)
-    train_times = interleaved({name: train_step(m, images, mask, targets) for name, m in models.items()}, rounds)
+    train_steps = {name: train_step(m, images, mask, targets, d) for name, (m, d) in models.items()}
+    train_times = interleaved(train_steps, rounds)
     return {
         "case": f"{preset} {height}x{width} batch {batch}",
         "eval_s": eval_times,
@@ -116,56 +148,73 @@ def compare_case(preset: str, height: int, width: int, batch: int, rounds: int) 
 
 
 def quickstart_steps(rounds: int) -> dict[str, Any]:
-    """Training steps per second of the quickstart's model and batch (sdetr-tiny, 4 x 192x256)."""
-    torch.manual_seed(0)
-    plain = build_model("sdetr-tiny", num_classes=5)
-    fast = build_model("sdetr-tiny", num_classes=5)
-    fast.load_state_dict(plain.state_dict())
-    fast.set_fast(True)
+    """Training steps per second of the quickstart's model and batch (sdetr-tiny, 4 x 192x256):
+    float32 vs bf16 autocast, each with the optimiser step (AdamW, foreach vs fused)."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(4, 3, 192, 256, generator=generator)
     mask = torch.zeros(4, 192, 256, dtype=torch.bool)
     targets = [{**t, "labels": t["labels"] % 4 + 1} for t in targets_for(4, generator)]
     criterion = SetCriterion(num_classes=5)
+    torch.manual_seed(0)
+    initial = build_model("sdetr-tiny", num_classes=5).state_dict()
 
-    def step(model: nn.Module) -> Callable[[], Any]:
+    def step(dtype: torch.dtype | None, fused: bool) -> Callable[[], Any]:
+        model = build_model("sdetr-tiny", num_classes=5)
+        model.load_state_dict(initial)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4, fused=fused)
+
         def run() -> Any:
-            model.zero_grad(set_to_none=True)
-            loss = criterion(model(images, mask, encoder_outputs=False), targets)["total"]
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(dtype):
+                outputs = model(images, mask)
+            loss = criterion(float_outputs(outputs), targets)["total"]
             loss.backward()
+            optimizer.step()
             return loss
 
         return run
 
-    times = interleaved({"sdetr": step(plain.train()), "sdetr fast": step(fast.train())}, rounds)
-    return {"case": "quickstart sdetr-tiny 192x256 batch 4", "steps_per_s": {n: 1 / t for n, t in times.items()}}
+    steps = {
+        "fp32": step(None, False),
+        "fp32 fused AdamW": step(None, True),
+        "bf16": step(torch.bfloat16, False),
+        "bf16 fused AdamW": step(torch.bfloat16, True),
+    }
+    times = interleaved(steps, rounds)
+    return {
+        "case": "quickstart sdetr-tiny 192x256 batch 4",
+        "steps_per_s": {n: 1 / t for n, t in times.items()},
+        "speedup": {n: times["fp32"] / t for n, t in times.items()},
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--cases", nargs="*", default=list(DEFAULT_CASES), help="PRESET:HxWxB, PRESET in sdetr/detr")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile'd fast mode (minutes to compile)")
+    parser.add_argument("--no_quickstart", dest="quickstart", action="store_false", help="skip the quickstart rates")
     parser.add_argument("--output", default="outputs/benchmarks/speed.json")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     results: list[dict[str, Any]] = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"{'case':<28} {'step':<6} {'original':>10} {'sdetr':>10} {'fast':>10} {'sdetr/orig':>11} {'fast/orig':>10}")
+    print(f"{'case':<26} {'variant':<14} {'eval':>9} {'x orig':>7} {'train':>9} {'x orig':>7} {'max |diff|':>11}")
     for case in args.cases:
         preset, size = case.split(":")
         height, width, batch = (int(v) for v in size.split("x"))
-        result = compare_case(preset, height, width, batch, args.rounds)
+        result = compare_case(preset, height, width, batch, args.rounds, args.compile)
         results.append(result)
-        for kind in ("eval", "train"):
-            t, s = result[f"{kind}_s"], result[f"{kind}_speedup"]
+        for name in result["eval_s"]:
             print(
-                f"{result['case']:<28} {kind:<6} {t['original'] * 1e3:>8.1f}ms {t['sdetr'] * 1e3:>8.1f}ms "
-                f"{t['sdetr fast'] * 1e3:>8.1f}ms {s['sdetr']:>10.2f}x {s['sdetr fast']:>9.2f}x"
+                f"{result['case']:<26} {name:<14} {result['eval_s'][name] * 1e3:>7.1f}ms "
+                f"{result['eval_speedup'][name]:>6.2f}x {result['train_s'][name] * 1e3:>7.1f}ms "
+                f"{result['train_speedup'][name]:>6.2f}x {result['max_abs_output_diff'][name]:>11.1e}"
             )
-        print(f"{'':<28} max |output - original|: {result['max_abs_output_diff']}")
-    quick = quickstart_steps(args.rounds)
-    results.append(quick)
-    print(f"{quick['case']}: steps/s {quick['steps_per_s']}")
+    if args.quickstart:
+        quick = quickstart_steps(args.rounds)
+        results.append(quick)
+        for name, rate in quick["steps_per_s"].items():
+            print(f"{quick['case']:<26} {name:<18} {rate:>6.2f} steps/s {quick['speedup'][name]:>6.2f}x")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rounds": args.rounds, "torch": torch.__version__, "results": results}, indent=1))

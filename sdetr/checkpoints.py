@@ -266,6 +266,8 @@ def load_model(
     preset: str | None = None,
     config: ModelConfig | None = None,
     device: str | torch.device = "cpu",
+    fast: bool = False,
+    compile: bool = False,
 ) -> Detector:
     """A ready model in eval mode from a checkpoint file or an already loaded dict.
 
@@ -273,6 +275,9 @@ def load_model(
     files (a dict with ``model`` and maybe ``args``, or a bare state dict). The architecture
     is inferred from the keys and ``args``; ``preset`` or ``config`` override it (heads cannot
     be seen in shapes: use ``preset="sdetr-multihead"`` for that ablation's files).
+    ``fast=True`` is :meth:`Detector.set_fast` (folded batch norm, channels-last backbone);
+    ``compile=True`` is :meth:`Detector.compile_parts` with ``dynamic=True`` (both opt-in; outputs
+    move by float32 rounding only; see the README's "Speed").
 
     Raises:
         CheckpointError: unreadable file, not a checkpoint of these models, or keys that do
@@ -309,7 +314,8 @@ def load_model(
         )
     model.load_state_dict(state, strict=False)
     model.checkpoint_path = None if isinstance(source, Mapping) else str(Path(source).resolve())
-    return model.to(device).eval()
+    model = model.to(device).eval().set_fast(fast)
+    return model.compile_parts(dynamic=True) if compile else model
 
 
 # ---------------------------------------------------------------- writing files

@@ -46,7 +46,8 @@ class Backbone(nn.Module):
         elif config.dilation:
             raise ValueError(f"dilation is only supported for resnet50/101, not {config.backbone}")
         body = build_resnet(config.backbone, **kwargs)
-        self.fast = False
+        self.fold = False  # frozen batch norms folded into their convolutions
+        self.channels_last = False  # NHWC convolutions
         del body.fc, body.avgpool  # classification head: unused, no parameters kept
         self.body = body
         self.levels = levels
@@ -58,9 +59,14 @@ class Backbone(nn.Module):
                 if not name.startswith(("layer2", "layer3", "layer4")):
                     parameter.requires_grad_(False)
 
-    def set_fast(self, enabled: bool = True) -> None:
-        """Fold frozen batch norms into the convolutions and run channels-last (or switch back)."""
-        self.fast = enabled
+    def set_fast(self, enabled: bool = True, channels_last: bool | None = None) -> None:
+        """Fold frozen batch norms into the convolutions and run channels-last (or switch back).
+
+        ``channels_last`` (default: ``enabled``) picks the memory format separately: folding alone
+        moves outputs less (see :mod:`sdetr.model.resnet_blocks`).
+        """
+        self.fold = enabled
+        self.channels_last = enabled if channels_last is None else channels_last
         for module in self.body.modules():
             if isinstance(module, FoldedBasicBlock | FoldedBottleneck):
                 module.fold = enabled
@@ -90,8 +96,8 @@ class Backbone(nn.Module):
         mask: ``[B, H, W]`` True on padded pixels.
         """
         body = self.body
-        x = images.contiguous(memory_format=torch.channels_last) if self.fast else images  # NHWC: faster convs
-        x = body.maxpool(F.relu(conv_norm(body.conv1, body.bn1, x, self.fast)))
+        x = images.contiguous(memory_format=torch.channels_last) if self.channels_last else images  # NHWC
+        x = body.maxpool(F.relu(conv_norm(body.conv1, body.bn1, x, self.fold)))
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for level_name, layer_name in (("c2", "layer1"), ("c3", "layer2"), *LEVEL_LAYERS.items()):
             x = getattr(body, layer_name)(x)  # [B, C, H/stride, W/stride]

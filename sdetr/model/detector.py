@@ -115,11 +115,25 @@ class Detector(nn.Module):
     def stages(self) -> list[Stage]:
         return [getattr(self, f"stage{index}") for index in range(1, self.num_stages + 1)]
 
-    def set_fast(self, enabled: bool = True) -> Detector:
+    def set_fast(self, enabled: bool = True, channels_last: bool | None = None) -> Detector:
         """Fast CPU/GPU inference and training: frozen batch norms folded into the backbone's
         convolutions and a channels-last backbone (see :mod:`sdetr.model.backbone`); outputs move
-        only by float32 rounding. Off by default. Returns the model."""
-        self.backbone.set_fast(enabled)
+        only by float32 rounding. Off by default. ``channels_last=False`` folds only. Returns the model."""
+        self.backbone.set_fast(enabled, channels_last)
+        return self
+
+    def compile_parts(self, **options: object) -> Detector:
+        """``torch.compile`` the backbone and every stage in place (opt-in; ``options`` go to
+        ``torch.compile``, e.g. ``dynamic=True`` for varying image sizes).
+
+        The input checks and the heads stay eager, so the compiled graphs have no breaks; probes
+        attached later (recording, gates) still work, because a compiled module falls back to
+        eager when its Python code changes behaviour. The first call per input shape compiles
+        (minutes on a CPU). Returns the model.
+        """
+        self.backbone.compile(**options)
+        for stage in self.stages:
+            stage.compile(**options)
         return self
 
     def attention_sites(self) -> dict[str, Attention]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from sdetr import build_model
+from sdetr import build_model, load_model
 from sdetr.model.resnet_blocks import conv_norm
 
 
@@ -37,13 +37,15 @@ def test_conv_norm_folding_by_hand() -> None:
     assert torch.equal(conv_norm(conv, norm, x, fold=False), expected)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("preset", ["sdetr-tiny", "detr"])
-def test_fast_mode_equals_the_default_on_a_padded_batch(preset: str, padded_batch) -> None:  # type: ignore[no-untyped-def]
+def test_fast_mode_equals_the_default_on_a_padded_batch(preset: str, channels_last: bool, padded_batch) -> None:  # type: ignore[no-untyped-def]
     images, mask = padded_batch
     model = _frozen_bn_model(preset)
     with torch.no_grad():
         default = model(images, mask)
-        model.set_fast(True)
+        model.set_fast(True, channels_last=channels_last)
+        assert model.backbone.fold and model.backbone.channels_last == channels_last
         fast = model(images, mask)
         model.set_fast(False)
         again = model(images, mask)
@@ -68,3 +70,18 @@ def test_fast_mode_trains_the_same_gradients(padded_batch) -> None:  # type: ign
     fast = grad()
     assert default.abs().max() > 0
     torch.testing.assert_close(fast, default, atol=1e-5 * float(default.abs().max()), rtol=1e-4)
+
+
+def test_load_model_applies_fast_mode_and_compiles_only_when_asked() -> None:
+    state = _frozen_bn_model("sdetr-tiny").state_dict()
+    config = build_model("sdetr-tiny", backbone_norm="frozen_bn", dropout=0.0).config
+    plain = load_model(state, config=config)
+    assert not plain.backbone.fold and not plain.backbone.channels_last
+    fast = load_model(state, config=config, fast=True)
+    assert fast.backbone.fold and fast.backbone.channels_last
+    assert plain.backbone._compiled_call_impl is None  # nn.Module.compile() sets it
+    compiled = load_model(state, config=config, compile=True)  # compiling itself happens at the first call
+    parts = [compiled.backbone, *compiled.stages]
+    assert all(part._compiled_call_impl is not None for part in parts)
+    assert compiled.class_embed._compiled_call_impl is None  # the heads and input checks stay eager
+    assert set(compiled.state_dict()) == set(state)  # in-place compiling keeps the checkpoint's names
