@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coco_path", help="COCO folder (annotations/, train2017/, val2017/); default: synthetic set")
     p.add_argument("--scale", choices=["full", "tiny", "synthetic"], help="augmentation / resize scale")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--lr_drop", type=int)
+    p.add_argument("--schedule", choices=["step", "cosine"], help="learning-rate schedule, per optimiser step")
+    p.add_argument("--lr_drop", type=int, help="epochs between x0.1 decays (--schedule step)")
+    p.add_argument("--warmup_steps", type=int, help="linear learning-rate warm-up steps (0: none)")
     p.add_argument("--batch_size", type=int, help="images per process")
     p.add_argument("--lr", type=float)
     p.add_argument("--lr_backbone", type=float)
@@ -71,7 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="weight of the dense encoder losses (0: the original criterion; default 3.0 for the quickstart)",
     )
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        help="autocast precision of the forward (bf16 runs on CPUs with AVX512-BF16 / AMX, and on GPUs)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the backbone and stages (opt-in; compiling takes minutes, see the README's Speed)",
+    )
     p.add_argument("--output_dir")
     p.add_argument(
         "--resume",

@@ -61,12 +61,14 @@ def build_data(config: TrainConfig, ctx: DistributedContext) -> TrainingData:
 
 def build_training_model(config: TrainConfig, num_classes: int, device: torch.device) -> Detector:
     """A new ``preset`` model with ``model_overrides`` and ``num_classes`` classes on ``device``, or
-    with ``eval_only`` the ``resume`` checkpoint's model (its own ``num_classes``)."""
+    with ``eval_only`` the ``resume`` checkpoint's model (its own ``num_classes``); ``compile``
+    compiles its backbone and stages (:meth:`~sdetr.model.detector.Detector.compile_parts`)."""
     if config.eval_only:
         assert config.resume is not None  # TrainConfig.validate
-        return load_model(config.resume, device=device)
+        return load_model(config.resume, device=device, compile=config.compile)
     overrides = {"num_classes": num_classes, **config.model_overrides}
-    return build_model(config.preset, **overrides).to(device)
+    model = build_model(config.preset, **overrides).to(device)
+    return model.compile_parts(dynamic=True) if config.compile else model
 
 
 def build_criterion(config: TrainConfig, num_classes: int, device: torch.device) -> SetCriterion:

@@ -249,9 +249,11 @@ def test_resume_flags_win_over_the_checkpoint_and_are_noted(
     assert trainer.start_epoch == 1
     # the schedule reached epoch 1 of step decay every 2 epochs: no decay yet
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-3, 2e-5]
-    assert trainer.scheduler.step_size == 2 and trainer.scheduler.base_lrs == [1e-3, 2e-5]
-    trainer.scheduler.step()  # epoch 2: decayed by gamma 0.1
-    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-4, 2e-6])
+    assert trainer.schedule.lr_drop == 2 and trainer.scheduler.base_lrs == [1e-3, 2e-5]
+    steps_per_epoch = trainer.schedule.steps_per_epoch
+    assert trainer.scheduler.last_epoch == steps_per_epoch  # one epoch of optimiser steps taken
+    epoch_2 = trainer.schedule.factor(2 * steps_per_epoch)  # the first step of epoch 2: decayed by 0.1
+    assert [base * epoch_2 for base in trainer.scheduler.base_lrs] == pytest.approx([1e-4, 2e-6])
     out = capsys.readouterr().out
     assert "--resume: --lr 0.001 (the checkpoint's run had 0.0005); this run's value wins" in out
     assert "--resume: --epochs 3 (the checkpoint's run had 1)" in out

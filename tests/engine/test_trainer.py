@@ -60,7 +60,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     first_half = torch.load(tmp_path / "split" / CHECKPOINT_NAME, weights_only=True)
     assert first_half["epoch"] == 0
     resumed = Trainer.from_config(small_config(tmp_path / "split", resume=str(tmp_path / "split" / CHECKPOINT_NAME)))
-    assert resumed.start_epoch == 1 and resumed.scheduler.last_epoch == 1
+    assert resumed.start_epoch == 1 and resumed.scheduler.last_epoch == resumed.schedule.steps_per_epoch
     resumed.run()
     straight, split = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
     assert straight.keys() == split.keys()
