@@ -85,3 +85,20 @@ def test_load_model_applies_fast_mode_and_compiles_only_when_asked() -> None:
     assert all(part._compiled_call_impl is not None for part in parts)
     assert compiled.class_embed._compiled_call_impl is None  # the heads and input checks stay eager
     assert set(compiled.state_dict()) == set(state)  # in-place compiling keeps the checkpoint's names
+
+
+def test_compiled_parts_trace_whole_and_compute_the_same(padded_batch) -> None:  # type: ignore[no-untyped-def]
+    """Dynamo captures the backbone and every stage in one graph each (``fullgraph``: a graph break
+    would raise), and the captured graphs give the eager outputs. The ``eager`` backend runs the
+    captured graph without inductor's code generation, which keeps this test to seconds."""
+    images, mask = padded_batch
+    model = _frozen_bn_model("sdetr-tiny")
+    try:
+        with torch.no_grad():
+            eager = model(images, mask)
+            model.compile_parts(backend="eager", fullgraph=True, dynamic=True)
+            compiled = model(images, mask)
+    finally:
+        torch._dynamo.reset()  # no captured graphs or guards left for the other tests
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(compiled[key], eager[key], atol=1e-6, rtol=0)
