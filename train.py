@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="weight of the dense encoder losses (0: the original criterion; default 3.0 for the quickstart)",
     )
+    p.add_argument("--one_to_many", type=int, help="queries matched to each object in the first epochs (1: one-to-one)")
+    p.add_argument("--one_to_many_epochs", type=int, help="epochs of --one_to_many matching before one-to-one")
     p.add_argument(
         "--precision",
         choices=["fp32", "bf16", "fp16"],

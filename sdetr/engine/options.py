@@ -47,6 +47,10 @@ class TrainConfig:
     # Weight of the dense encoder losses (sdetr.model.encoder_loss): the from-scratch quickstart
     # needs them to leave DETR's initial plateau in minutes; 0 is the original criterion.
     encoder_loss: float = 3.0
+    # One-to-many matching in the first epochs (H-DETR's hybrid epoch scheme): each object is
+    # matched to up to ``one_to_many`` queries for ``one_to_many_epochs`` epochs, then one-to-one.
+    one_to_many: int = 1
+    one_to_many_epochs: int = 0
     precision: Precision = "fp32"
     compile: bool = False  # torch.compile the backbone and stages (opt-in; minutes of compiling first)
     output_dir: str = "outputs"
@@ -79,11 +83,12 @@ class TrainConfig:
             "synthetic_val",
             "probe_every",
             "probe_images",
+            "one_to_many",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} {getattr(self, name)}: use a positive integer")
-        for name in ("eval_every", "num_workers", "seed", "synthetic_seed", "warmup_steps"):
+        for name in ("eval_every", "num_workers", "seed", "synthetic_seed", "warmup_steps", "one_to_many_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} {getattr(self, name)}: use 0 or more")
         if self.max_train_images is not None and self.max_train_images < 1:
@@ -132,5 +137,8 @@ ORIGINAL_RECIPE = {
     "weight_decay": 1e-4,
     "clip_max_norm": 0.1,
     "encoder_loss": 0.0,
+    "one_to_many_epochs": 0,
+    "warmup_steps": 0,
+    "schedule": "step",
     "scale": "full",
 }

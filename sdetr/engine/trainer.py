@@ -318,7 +318,7 @@ class Trainer:
             targets = _targets_to(targets, self.ctx.device)
             outputs = self._forward(images)
             self._check_outputs(outputs, f"epoch {epoch}, step {averages.steps}")  # before the matcher sees them
-            losses = self.criterion(outputs, targets)
+            losses = self.criterion(outputs, targets, one_to_many=self.one_to_many(epoch))
             logged = distributed.mean_over_processes({k: float(v.detach()) for k, v in losses.items()}, self.ctx)
             bad = {k: v for k, v in logged.items() if not math.isfinite(v)}
             if bad:
@@ -340,6 +340,10 @@ class Trainer:
         means = averages.means()
         means["lr"] = self.optimizer.param_groups[0]["lr"]
         return means
+
+    def one_to_many(self, epoch: int) -> int:
+        """How many queries each object is matched to in epoch ``epoch`` (1: DETR's one-to-one)."""
+        return self.config.one_to_many if epoch < self.config.one_to_many_epochs else 1
 
     @torch.no_grad()
     def evaluate(self, save_detections: Path | None = None) -> tuple[list[float], dict[str, float]]:

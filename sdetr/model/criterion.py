@@ -25,10 +25,15 @@ class CriterionConfig:
     ``encoder_weight`` > 0 adds :mod:`sdetr.model.encoder_loss` for every stage (keys
     ``loss_ce_enc1`` ...), each scaled by its base weight times ``encoder_weight``; the model must
     then be called with ``encoder_outputs=True``. 0 (the default) is the original criterion.
+
+    ``one_to_many`` > 1 matches every ground-truth object to up to that many queries of each
+    decoder output (the targets repeated, as in H-DETR's one-to-many matching; fewer where the
+    queries run out), a training aid for early epochs; 1 (the default) is DETR's one-to-one.
     """
 
     eos_coef: float = 0.1
     encoder_weight: float = 0.0
+    one_to_many: int = 1
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     matcher: HungarianMatcher = field(default_factory=HungarianMatcher)
 
@@ -100,11 +105,17 @@ class SetCriterion(nn.Module):
             weight *= self.config.encoder_weight
         return weight
 
-    def forward(self, outputs: dict, targets: list[Target]) -> dict[str, Tensor]:
-        num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
-        losses = self.single_output_losses(outputs, targets, num_boxes)
+    def forward(self, outputs: dict, targets: list[Target], one_to_many: int | None = None) -> dict[str, Tensor]:
+        """The losses of every decoder output (and of the encoders with ``encoder_weight``).
+
+        ``one_to_many`` overrides the config's for this call (the trainer's early epochs).
+        """
+        times = self.config.one_to_many if one_to_many is None else one_to_many
+        matched = repeat_targets(targets, times, outputs["pred_logits"].shape[1])
+        num_boxes = self.num_boxes(matched, outputs["pred_logits"].device)
+        losses = self.single_output_losses(outputs, matched, num_boxes)
         for index, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_losses = self.single_output_losses(aux, targets, num_boxes)
+            aux_losses = self.single_output_losses(aux, matched, num_boxes)
             losses.update({f"{k}_{index}": v for k, v in aux_losses.items() if k in self.config.weights})
         if self.config.encoder_weight > 0:
             dense_outputs = outputs.get("encoder_outputs")
@@ -119,3 +130,20 @@ class SetCriterion(nn.Module):
         weighted = [value * w for key, value in losses.items() if (w := self.loss_weight(key)) is not None]
         losses["total"] = torch.stack(weighted).sum()
         return losses
+
+
+def repeat_targets(targets: list[Target], times: int, num_queries: int) -> list[Target]:
+    """Each image's objects repeated ``times`` times for one-to-many matching (``targets`` itself for 1).
+
+    An image with ``N`` objects gets ``min(times, num_queries // N)`` copies (at least one), so
+    the Hungarian matcher can still give every copy its own query.
+    """
+    if times == 1:
+        return targets
+    repeated = []
+    for target in targets:
+        copies = max(1, min(times, num_queries // max(len(target["labels"]), 1)))
+        repeated.append(
+            {**target, "labels": target["labels"].repeat(copies), "boxes": target["boxes"].repeat(copies, 1)}
+        )
+    return repeated

@@ -104,8 +104,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, mon
     original = trainer.criterion.forward
     calls = {"n": 0}
 
-    def poisoned(outputs, targets):  # type: ignore[no-untyped-def]
-        losses = original(outputs, targets)
+    def poisoned(outputs, targets, **options):  # type: ignore[no-untyped-def]
+        losses = original(outputs, targets, **options)
         calls["n"] += 1
         if calls["n"] == 4:  # epoch 1, step 1 (two steps per epoch)
             losses["loss_giou"] = losses["loss_giou"] * float("nan")
@@ -118,6 +118,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, mon
     kept = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert kept["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_one_to_many_matching_only_in_its_first_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = Trainer.from_config(small_config(tmp_path, epochs=3, one_to_many=3, one_to_many_epochs=2, eval_every=1))
+    original = trainer.criterion.forward
+    seen: list[int | None] = []
+
+    def recording(outputs, targets, one_to_many=None):  # type: ignore[no-untyped-def]
+        seen.append(one_to_many)
+        return original(outputs, targets, one_to_many=one_to_many)
+
+    monkeypatch.setattr(trainer.criterion, "forward", recording)
+    trainer.run()
+    # two training steps per epoch at 3, 3 then 1; every evaluation (one step each) one-to-one (None)
+    assert seen == [3, 3, None, 3, 3, None, 1, 1, None]
 
 
 def _two_object_coco(root: Path, count: int = 4) -> None:

@@ -93,3 +93,28 @@ def test_encoder_weight_without_dense_outputs_is_a_clear_error() -> None:
 
     with pytest.raises(ValueError, match="encoder_outputs=True"):
         SetCriterion(1, CriterionConfig(encoder_weight=1.0))(_tiny_outputs(), TARGET)
+
+
+def test_one_to_many_matches_each_object_to_several_queries_by_hand() -> None:
+    from sdetr.model.criterion import CriterionConfig
+
+    losses = SetCriterion(num_classes=1, config=CriterionConfig(one_to_many=2))(_tiny_outputs(), TARGET)
+    # both queries now stand for the one object (2 matched boxes): class 0 for both, no no-object
+    expected_ce = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(2))) / 2
+    assert losses["loss_ce"].item() == pytest.approx(expected_ce, abs=1e-6)
+    # L1: q0 is off by 0.2 in w; q1 (0.2, 0.2, 0.1, 0.1) vs (0.5, 0.5, 0.4, 0.2): 0.3 + 0.3 + 0.3 + 0.1
+    assert losses["loss_bbox"].item() == pytest.approx((0.2 + 1.0) / 2, abs=1e-6)
+
+
+def test_one_to_many_repeats_only_as_far_as_the_queries_go() -> None:
+    from sdetr.model.criterion import repeat_targets
+
+    two = [
+        {"labels": torch.tensor([1, 2]), "boxes": torch.rand(2, 4)},
+        {"labels": torch.tensor([], dtype=torch.int64), "boxes": torch.zeros(0, 4)},
+    ]
+    repeated = repeat_targets(two, times=3, num_queries=5)  # 5 queries // 2 objects: 2 copies, not 3
+    assert repeated[0]["labels"].tolist() == [1, 2, 1, 2]
+    assert torch.equal(repeated[0]["boxes"], two[0]["boxes"].repeat(2, 1))
+    assert len(repeated[1]["labels"]) == 0  # an empty image stays empty
+    assert repeat_targets(two, times=1, num_queries=5) is two
