@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--one_to_many_epochs", type=int, help="epochs of --one_to_many matching before one-to-one")
     p.add_argument(
         "--precision",
-        choices=["fp32", "bf16", "fp16"],
-        help="autocast precision of the forward (bf16 runs on CPUs with AVX512-BF16 / AMX, and on GPUs)",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="autocast precision of training steps (default auto: bf16 where the CPU/GPU runs it natively, "
+        "else fp32; evaluation is always float32)",
     )
     p.add_argument(
         "--compile",

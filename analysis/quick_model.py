@@ -75,6 +75,7 @@ class QuickRun:
             encoder_loss=self.encoder_loss,
             seed=self.seed,
             eval_every=0,
+            precision="fp32",  # the same model on every machine, whether or not its CPU has bf16
             output_dir=str(output_dir),
             device="cpu",
         )

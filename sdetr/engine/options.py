@@ -13,7 +13,8 @@ from sdetr.data.transforms import SCALES
 from sdetr.engine.schedule import ScheduleName
 from sdetr.typed_fields import ConfigError, check_fields, field_types, unknown_field_message
 
-Precision = Literal["fp32", "bf16", "fp16"]
+#: Autocast precision of the training forward; "auto" is bf16 where the device runs it natively, else fp32.
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -51,7 +52,7 @@ class TrainConfig:
     # matched to up to ``one_to_many`` queries for ``one_to_many_epochs`` epochs, then one-to-one.
     one_to_many: int = 1
     one_to_many_epochs: int = 0
-    precision: Precision = "fp32"
+    precision: Precision = "auto"  # of training steps; evaluation always runs in float32
     compile: bool = False  # torch.compile the backbone and stages (opt-in; minutes of compiling first)
     output_dir: str = "outputs"
     resume: str | None = None
@@ -141,4 +142,5 @@ ORIGINAL_RECIPE = {
     "warmup_steps": 0,
     "schedule": "step",
     "scale": "full",
+    "precision": "fp32",
 }

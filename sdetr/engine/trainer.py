@@ -25,7 +25,7 @@ from sdetr.engine import distributed, preflight
 from sdetr.engine.components import TrainingData, build_criterion, build_data, build_training_model
 from sdetr.engine.distributed import DistributedContext
 from sdetr.engine.evaluation import STAT_NAMES, coco_stats, format_stats, to_coco_results, write_json_atomic
-from sdetr.engine.options import TrainConfig
+from sdetr.engine.options import Precision, TrainConfig
 from sdetr.engine.preflight import PreflightError
 from sdetr.engine.schedule import LearningRateSchedule
 from sdetr.errors import UserError
@@ -51,6 +51,23 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 class NonFiniteLossError(UserError, FloatingPointError):
     """Predictions, a loss or the weights became NaN or infinite; training stops and the last good
     checkpoint is kept (a checkpoint is never written with non-finite weights)."""
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 matrix products natively (a CUDA GPU that supports it, or a
+    CPU with AVX512-BF16 or AMX), so bf16 autocast speeds training up rather than emulating it."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def training_precision(precision: Precision, device: torch.device) -> Precision:
+    """``precision`` with "auto" resolved: bf16 where :func:`native_bf16`, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def steps_taken(scheduler_state: Any, steps_per_epoch: int, path: Path) -> int:
@@ -162,7 +179,10 @@ class Trainer:
         )
         schedule = self.schedule  # a plain function: LambdaLR's state_dict then stores nothing for it
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: schedule.factor(step))
-        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=config.precision == "fp16")
+        self.precision = training_precision(config.precision, ctx.device)
+        if config.precision == "auto":
+            self.notes.append(f"--precision auto: {self.precision} training steps on {ctx.device.type}")
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.precision == "fp16")
         self.ddp: nn.Module = self.model
         if self.ctx.enabled:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
@@ -294,17 +314,17 @@ class Trainer:
             drop_last=train,
         )
 
-    def _forward(self, images: list[Tensor]) -> dict[str, Any]:
-        """The model's outputs in float32 (with the encoders' dense predictions when the criterion uses them)."""
-        with self._autocast():
+    def _forward(self, images: list[Tensor], train: bool) -> dict[str, Any]:
+        """The model's outputs in float32 (with the encoders' dense predictions when the criterion
+        uses them); training steps under ``precision``'s autocast, evaluation in float32."""
+        with self._autocast() if train else nullcontext():
             outputs = self.ddp(images, encoder_outputs=self.criterion.config.encoder_weight > 0)
         return _float_outputs(outputs)
 
     def _autocast(self) -> Any:
-        precision = self.config.precision
-        if precision == "fp32":
+        if self.precision == "fp32":
             return nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.ctx.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ loops
@@ -316,7 +336,7 @@ class Trainer:
         for images, targets in bar:
             images = [image.to(self.ctx.device) for image in images]
             targets = _targets_to(targets, self.ctx.device)
-            outputs = self._forward(images)
+            outputs = self._forward(images, train=True)
             self._check_outputs(outputs, f"epoch {epoch}, step {averages.steps}")  # before the matcher sees them
             losses = self.criterion(outputs, targets, one_to_many=self.one_to_many(epoch))
             logged = distributed.mean_over_processes({k: float(v.detach()) for k, v in losses.items()}, self.ctx)
@@ -356,7 +376,7 @@ class Trainer:
         for images, targets in tqdm(loader, desc="evaluate", disable=not self.ctx.is_main, leave=False):
             images = [image.to(self.ctx.device) for image in images]
             targets = _targets_to(targets, self.ctx.device)
-            outputs = self._forward(images)
+            outputs = self._forward(images, train=False)
             self._check_outputs(outputs, f"evaluation step {averages.steps}")
             averages.add({key: float(value) for key, value in self.criterion(outputs, targets).items()})
             sizes = torch.stack([t["orig_size"] for t in targets])

@@ -16,6 +16,7 @@ def test_fits_eight_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     torch.set_num_threads(2)  # the thresholds below were measured with 2 threads (float sums differ with 1)
     monkeypatch.setenv("SDETR_CACHE", str(tmp_path / "cache"))
     config = TrainConfig(
+        precision="fp32",  # the thresholds were measured in float32
         synthetic_train=8, synthetic_val=2, batch_size=4, epochs=60, lr_drop=1000, eval_every=0, augment=False,
         output_dir=str(tmp_path / "out"), device="cpu",
         encoder_loss=0.0, synthetic_class_hues=False,  # DETR's own criterion alone, on the harder any-colour set
@@ -40,6 +41,7 @@ def test_dense_encoder_losses_fit_eight_images(tmp_path: Path, monkeypatch: pyte
     torch.set_num_threads(2)  # as measured
     monkeypatch.setenv("SDETR_CACHE", str(tmp_path / "cache"))
     config = TrainConfig(
+        precision="fp32",  # the thresholds were measured in float32
         synthetic_train=8, synthetic_val=2, batch_size=4, epochs=30, lr_drop=1000, eval_every=0, augment=False,
         output_dir=str(tmp_path / "out"), device="cpu",
     )  # fmt: skip

@@ -251,3 +251,22 @@ def test_loss_averages_are_means_over_steps_with_total_named_loss() -> None:
     assert averages.means() == {"loss": 3.0, "loss_ce": 0.5}
     one_process = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     assert averages.means(one_process) == {"loss": 3.0, "loss_ce": 0.5}
+
+
+def test_auto_precision_is_bf16_only_where_the_device_runs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdetr.engine import trainer as trainer_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(trainer_module, "native_bf16", lambda device: True)
+    assert trainer_module.training_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(trainer_module, "native_bf16", lambda device: False)
+    assert trainer_module.training_precision("auto", cpu) == "fp32"
+    assert trainer_module.training_precision("bf16", cpu) == "bf16"  # an explicit choice is kept
+
+
+def test_evaluation_runs_in_float32_whatever_the_training_precision(tmp_path: Path) -> None:
+    bf16 = Trainer.from_config(small_config(tmp_path / "bf16", precision="bf16"))
+    fp32 = Trainer.from_config(small_config(tmp_path / "fp32", precision="fp32"))
+    fp32.model.load_state_dict(bf16.model.state_dict())
+    assert bf16.precision == "bf16" and fp32.precision == "fp32"
+    assert bf16.evaluate()[1] == fp32.evaluate()[1]  # the validation losses, to the last bit
