@@ -311,6 +311,7 @@ class Trainer:
             sampler=sampler,
             collate_fn=collate,
             num_workers=self.config.num_workers,
+            pin_memory=self.ctx.device.type == "cuda",  # page-locked batches: faster host-to-GPU copies
             drop_last=train,
         )
 

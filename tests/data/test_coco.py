@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 
 from sdetr.data import BadDataError, CocoDetection, CocoPaths, build_transforms, collate, load_coco
@@ -53,6 +54,24 @@ def test_original_cleaning(tmp_path: Path) -> None:
     assert image.shape[0] == 3 and target["image_id"] == 2 and target["orig_size"].tolist() == [60, 80]
     images, targets = collate([dataset[0], dataset[1]])
     assert len(images) == len(targets) == 2
+
+
+def test_cached_images_are_decoded_once_and_give_the_same_samples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = write_coco(tmp_path, GOOD)
+    plain = CocoDetection(paths, build_transforms("synthetic", train=False))
+    cached = CocoDetection(paths, build_transforms("synthetic", train=False), cache_decoded=True)
+    reads: list[int] = []
+    read = cached.read_image
+    monkeypatch.setattr(cached, "read_image", lambda image_id: reads.append(image_id) or read(image_id))
+    for _ in range(3):  # three epochs
+        for index in range(len(cached)):
+            image, target = cached[index]
+            expected_image, expected_target = plain[index]
+            assert torch.equal(image, expected_image) and torch.equal(target["boxes"], expected_target["boxes"])
+    assert sorted(reads) == [1, 2, 3]  # each file read once
+    assert cached.decoded is not None and cached.decoded[2][0, 0].tolist() == [80, 0, 0]  # the file's pixels
 
 
 BAD_CASES = [
