@@ -44,6 +44,7 @@ def small_config(output: Path, **changes: object) -> TrainConfig:
         eval_every=0,
         output_dir=str(output),
         device="cpu",
+        precision="fp32",  # the same on every CPU, bf16 or not
     )
     values.update(changes)
     return TrainConfig(**values)  # type: ignore[arg-type]
@@ -171,6 +172,7 @@ def test_two_gloo_processes_equal_one_process_with_the_combined_batch(tmp_path: 
     common = [
         "--coco_path", str(tmp_path / "coco"), "--scale", "synthetic", "--no_augment", "--epochs", "1",
         "--eval_every", "0", "--device", "cpu", "--seed", "5", "--lr", str(LR), "--lr_backbone", str(LR),
+        "--precision", "fp32",  # the tolerance below was measured in float32
         "--set", "hidden_dim=32", "--set", "ffn_dim=32", "--set", "num_queries=6",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
