@@ -30,6 +30,9 @@ def test_original_recipe_and_explicit_flags_win() -> None:
         4,
     )
     assert config.epochs == 3 and config.scale == "full" and config.coco_path == "/data/coco"
+    # none of the quickstart's training aids: DETR's criterion, one-to-one matching, float32, StepLR
+    assert (config.encoder_loss, config.one_to_many, config.one_to_many_epochs) == (0.0, 1, 0)
+    assert (config.precision, config.schedule, config.warmup_steps, config.clip_max_norm) == ("fp32", "step", 0, 0.1)
     assert config.encoder_loss == 0.0  # the original criterion: no dense encoder losses
 
 
