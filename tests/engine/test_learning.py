@@ -17,9 +17,10 @@ def test_fits_eight_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("SDETR_CACHE", str(tmp_path / "cache"))
     config = TrainConfig(
         precision="fp32",  # the thresholds were measured in float32
-        synthetic_train=8, synthetic_val=2, batch_size=4, epochs=60, lr_drop=1000, eval_every=0, augment=False,
+        synthetic_train=8, synthetic_val=2, batch_size=4, epochs=100, lr_drop=1000, eval_every=0, augment=False,
         output_dir=str(tmp_path / "out"), device="cpu",
         encoder_loss=0.0, synthetic_class_hues=False,  # DETR's own criterion alone, on the harder any-colour set
+        one_to_many_epochs=0,  # and its one-to-one matching throughout
     )  # fmt: skip
     trainer = Trainer.from_config(config)
     first = trainer.train_one_epoch(0)
@@ -32,7 +33,10 @@ def test_fits_eight_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     # the whole evaluation path (post-processing, original sizes, COCO results, COCOeval) sees it:
     trainer.data.val = CocoDetection(CocoPaths(trainer.data.root, "train"), build_transforms("synthetic", False))
     stats, _ = trainer.evaluate()
-    assert stats[1] > 0.5, stats  # AP50 on the memorised images
+    # AP50 on the memorised images. Measured after 100 epochs: 0.637 (2 threads) and 0.631 (1 thread)
+    # with the trainer's fused AdamW, 0.754 with foreach AdamW; after 60 epochs float noise alone
+    # (fused vs foreach) moved it from 0.29 to 0.55, so 60 was too few to test reliably.
+    assert stats[1] > 0.5, stats
 
 
 def test_dense_encoder_losses_fit_eight_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
