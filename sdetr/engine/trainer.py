@@ -333,6 +333,7 @@ class Trainer:
         self.ddp.train()
         loader = self._loader(self.data.train, train=True, epoch=epoch)
         averages = LossAverages()  # of the per-step means over processes
+        used_lr = self.optimizer.param_groups[0]["lr"]  # logged: the rate of the epoch's last step
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not self.ctx.is_main, leave=False)
         for images, targets in bar:
             images = [image.to(self.ctx.device) for image in images]
@@ -355,11 +356,12 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_max_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            used_lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()  # the learning rate of the next step
             averages.add(logged)
             bar.set_postfix(loss=f"{logged['total']:.3f}", ce=f"{logged['loss_ce']:.3f}")
         means = averages.means()
-        means["lr"] = self.optimizer.param_groups[0]["lr"]
+        means["lr"] = used_lr
         return means
 
     def one_to_many(self, epoch: int) -> int:

@@ -100,6 +100,12 @@ def test_log_evaluation_and_detections(tmp_path: Path) -> None:
     assert (tmp_path / "eval" / "detections_val.json").is_file()
 
 
+def test_logged_learning_rate_is_the_one_each_epoch_trained_at(tmp_path: Path) -> None:
+    config = small_config(tmp_path, epochs=2, lr_drop=1)  # x0.1 from the first step of epoch 1
+    entries = Trainer.from_config(config).run()
+    assert [entry["train_lr"] for entry in entries] == pytest.approx([config.lr, config.lr * 0.1])
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trainer = Trainer.from_config(small_config(tmp_path, epochs=3))
     original = trainer.criterion.forward
