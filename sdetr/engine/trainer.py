@@ -44,7 +44,7 @@ SHOWN_NAMES = 6
 
 #: Entries of this project's training checkpoints that ``--resume`` needs.
 RESUME_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "epoch", "rng", "config")
-#: Device types whose AdamW has a fused implementation (measured 1.07x the quickstart's step on the CPU).
+#: Device types whose AdamW has a fused implementation (the quickstart's step: 1.05x on the CPU, README "Speed").
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 

@@ -126,10 +126,10 @@ class Detector(nn.Module):
         """``torch.compile`` the backbone and every stage in place (opt-in; ``options`` go to
         ``torch.compile``, e.g. ``dynamic=True`` for varying image sizes).
 
-        The input checks and the heads stay eager, so the compiled graphs have no breaks; probes
-        attached later (recording, gates) still work, because a compiled module falls back to
-        eager when its Python code changes behaviour. The first call per input shape compiles
-        (minutes on a CPU). Returns the model.
+        The input checks and the heads stay eager, so the compiled graphs have no breaks (tested
+        with ``fullgraph=True``). Recording and head gates were not tested on a compiled model:
+        instrument an uncompiled one. The first call per input shape compiles (minutes on a CPU).
+        Returns the model.
         """
         self.backbone.compile(**options)
         for stage in self.stages:
