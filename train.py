@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--one_to_many", type=int, help="queries matched to each object in the first epochs (1: one-to-one)")
     p.add_argument("--one_to_many_epochs", type=int, help="epochs of --one_to_many matching before one-to-one")
     p.add_argument(
+        "--denoising_groups",
+        type=int,
+        help="groups of DN-DETR denoising queries in training (0: off, the original recipe)",
+    )
+    p.add_argument(
+        "--ema_decay",
+        type=float,
+        help="evaluate and save an EMA of the weights with this decay (0: off, the original recipe; default 0.998)",
+    )
+    p.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
         help="autocast precision of training steps (default auto: bf16 where the CPU/GPU runs it natively, "

@@ -28,16 +28,21 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sdetr import build_model, record
-from sdetr.model.attention import Attention
+from sdetr.model.attention import Attention, blocked_pairs
 
 
 def stripped_forward(
-    self: Attention, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None
+    self: Attention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
 ) -> Tensor:
     """Attention.forward without the probe check: always fused."""
     q, k, v = self.project(query, key, value)  # [B, heads, L, d]
-    attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-    heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    blocked = blocked_pairs(key_padding_mask, attn_mask)
+    heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if blocked is None else ~blocked)
     batch, _, length, _ = heads_out.shape
     return self.out_proj(heads_out.transpose(1, 2).reshape(batch, length, self.embed_dim))
 

@@ -52,6 +52,12 @@ class TrainConfig:
     # matched to up to ``one_to_many`` queries for ``one_to_many_epochs`` epochs, then one-to-one.
     one_to_many: int = 3
     one_to_many_epochs: int = 3
+    # Evaluate and save an exponential moving average of the weights (sdetr.engine.averaging), with
+    # its decay warmed up from 0.9; 0 is off (the original recipe).
+    ema_decay: float = 0.998
+    # Denoising queries (DN-DETR, sdetr.model.denoising): noisy copies of each object, in this many
+    # groups, reconstructed by the decoder without matching; 0 is off (the original recipe).
+    denoising_groups: int = 0
     precision: Precision = "auto"  # of training steps; evaluation always runs in float32
     compile: bool = False  # torch.compile the backbone and stages (opt-in; minutes of compiling first)
     output_dir: str = "outputs"
@@ -89,7 +95,15 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} {getattr(self, name)}: use a positive integer")
-        for name in ("eval_every", "num_workers", "seed", "synthetic_seed", "warmup_steps", "one_to_many_epochs"):
+        for name in (
+            "eval_every",
+            "num_workers",
+            "seed",
+            "synthetic_seed",
+            "warmup_steps",
+            "one_to_many_epochs",
+            "denoising_groups",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} {getattr(self, name)}: use 0 or more")
         if self.max_train_images is not None and self.max_train_images < 1:
@@ -99,6 +113,8 @@ class TrainConfig:
         for name in ("lr_backbone", "weight_decay", "clip_max_norm", "encoder_loss"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} {getattr(self, name)}: use 0 or more")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"--ema_decay {self.ema_decay}: use 0 (off) or a decay in (0, 1), e.g. 0.998")
         if self.scale is not None and self.scale not in SCALES:
             raise ConfigError(f"--scale {self.scale!r}: use one of {', '.join(SCALES)}")
         if self.device != "auto":
@@ -141,6 +157,8 @@ ORIGINAL_RECIPE = {
     "one_to_many": 1,
     "one_to_many_epochs": 0,
     "warmup_steps": 0,
+    "ema_decay": 0.0,
+    "denoising_groups": 0,
     "schedule": "step",
     "scale": "full",
     "precision": "fp32",

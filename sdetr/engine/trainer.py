@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,7 @@ from sdetr.checkpoints import FORMAT_KEY, CheckpointError, load_model, read_chec
 from sdetr.config import ConfigError, ModelConfig
 from sdetr.data import CocoDetection, collate
 from sdetr.engine import distributed, preflight
+from sdetr.engine.averaging import weight_average
 from sdetr.engine.components import TrainingData, build_criterion, build_data, build_training_model
 from sdetr.engine.distributed import DistributedContext
 from sdetr.engine.evaluation import STAT_NAMES, coco_stats, format_stats, to_coco_results, write_json_atomic
@@ -31,6 +32,7 @@ from sdetr.engine.schedule import LearningRateSchedule
 from sdetr.errors import UserError
 from sdetr.instrument import record
 from sdetr.model.criterion import SetCriterion
+from sdetr.model.denoising import Denoiser, DenoisingBatch
 from sdetr.model.detector import Detector
 from sdetr.model.postprocess import postprocess
 
@@ -44,6 +46,12 @@ SHOWN_NAMES = 6
 
 #: Entries of this project's training checkpoints that ``--resume`` needs.
 RESUME_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "epoch", "rng", "config")
+#: With an EMA (``ema_decay``), "model" holds the averaged weights (what ``load_model`` reads) and
+#: these entries hold the raw trained weights and the number of averaged updates, for ``--resume``.
+TRAINING_WEIGHTS_KEY = "training_model"
+AVERAGE_UPDATES_KEY = "average_updates"
+#: The denoising-query embeddings (``denoising_groups`` > 0), for ``--resume``; not part of the model.
+DENOISER_KEY = "denoiser"
 #: Device types whose AdamW has a fused implementation (the quickstart's step: 1.05x on the CPU, README "Speed").
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
@@ -165,8 +173,15 @@ class Trainer:
         self.notes: list[str] = list(notes)  # what the pre-flight changed or skipped (printed by the main process)
         self.start_epoch = 0
         self.n_parameters = count_parameters(self.model)
+        #: Makes the training-only denoising queries (``denoising_groups`` > 0); not part of the model.
+        self.denoiser: Denoiser | None = None
+        if config.denoising_groups > 0 and not config.eval_only:
+            dims = model.config
+            self.denoiser = Denoiser(dims.num_classes, dims.hidden_dim, dims.num_queries, config.denoising_groups)
+            self.denoiser.to(ctx.device)
         backbone = [p for n, p in self.model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+        rest += [] if self.denoiser is None else list(self.denoiser.parameters())
         self.optimizer = torch.optim.AdamW(
             [{"params": rest, "lr": config.lr}, {"params": backbone, "lr": config.lr_backbone}],
             lr=config.lr,
@@ -183,10 +198,16 @@ class Trainer:
         if config.precision == "auto":
             self.notes.append(f"--precision auto: {self.precision} training steps on {ctx.device.type}")
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.precision == "fp16")
+        #: The EMA of the weights (``ema_decay`` > 0): evaluated, probed and saved as the run's model.
+        averaging = config.ema_decay > 0 and not config.eval_only
+        self.average = weight_average(model, config.ema_decay) if averaging else None
         self.ddp: nn.Module = self.model
+        self.denoiser_ddp: nn.Module | None = self.denoiser
         if self.ctx.enabled:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+            if self.denoiser is not None:  # its gradients are averaged over processes too
+                self.denoiser_ddp = DistributedDataParallel(self.denoiser, device_ids=ids)
         if config.resume and not config.eval_only:
             self._resume(Path(config.resume))
         elif config.overwrite and self.ctx.is_main:
@@ -223,6 +244,14 @@ class Trainer:
         preflight.check_probe(model, config, data.val)
         criterion = build_criterion(config, model.config.num_classes, ctx.device)
         return cls(config, model=model, data=data, criterion=criterion, ctx=ctx, notes=notes)
+
+    @property
+    def evaluated_model(self) -> Detector:
+        """The model that is evaluated, probed and saved: the weights' EMA when ``ema_decay`` > 0
+        (once a step was averaged), else the trained model itself."""
+        if self.average is None or int(self.average.n_averaged) == 0:
+            return self.model
+        return cast(Detector, self.average.module)
 
     # ------------------------------------------------------------------ set-up
     def _resume(self, path: Path) -> None:
@@ -267,7 +296,14 @@ class Trainer:
                 "to train further, or --eval to evaluate it"
             )
         try:
-            self.model.load_state_dict(state["model"])
+            # A run with an EMA saved its raw weights as "training_model" and the average as "model".
+            trained = state[TRAINING_WEIGHTS_KEY] if TRAINING_WEIGHTS_KEY in state else state["model"]
+            self.model.load_state_dict(trained)
+            if self.average is not None and TRAINING_WEIGHTS_KEY in state:
+                self.average.module.load_state_dict(state["model"])
+                self.average.n_averaged.fill_(int(state.get(AVERAGE_UPDATES_KEY, 0)))
+            if self.denoiser is not None and DENOISER_KEY in state:
+                self.denoiser.load_state_dict(state[DENOISER_KEY])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             rng = state["rng"][self.ctx.rank] if self.ctx.rank < len(state["rng"]) else state["rng"][0]
@@ -315,11 +351,13 @@ class Trainer:
             drop_last=train,
         )
 
-    def _forward(self, images: list[Tensor], train: bool) -> dict[str, Any]:
-        """The model's outputs in float32 (with the encoders' dense predictions when the criterion
-        uses them); training steps under ``precision``'s autocast, evaluation in float32."""
+    def _forward(self, images: list[Tensor], train: bool, denoising: DenoisingBatch | None = None) -> dict[str, Any]:
+        """The outputs in float32 (with the encoders' dense predictions when the criterion uses
+        them): training steps run the trained model under ``precision``'s autocast, evaluation runs
+        :attr:`evaluated_model` in float32."""
+        model = self.ddp if train else self.evaluated_model
         with self._autocast() if train else nullcontext():
-            outputs = self.ddp(images, encoder_outputs=self.criterion.config.encoder_weight > 0)
+            outputs = model(images, encoder_outputs=self.criterion.config.encoder_weight > 0, denoising=denoising)
         return _float_outputs(outputs)
 
     def _autocast(self) -> Any:
@@ -338,9 +376,10 @@ class Trainer:
         for images, targets in bar:
             images = [image.to(self.ctx.device) for image in images]
             targets = _targets_to(targets, self.ctx.device)
-            outputs = self._forward(images, train=True)
+            denoising = None if self.denoiser_ddp is None else self.denoiser_ddp(targets)
+            outputs = self._forward(images, train=True, denoising=denoising)
             self._check_outputs(outputs, f"epoch {epoch}, step {averages.steps}")  # before the matcher sees them
-            losses = self.criterion(outputs, targets, one_to_many=self.one_to_many(epoch))
+            losses = self.criterion(outputs, targets, one_to_many=self.one_to_many(epoch), denoising=denoising)
             logged = distributed.mean_over_processes({k: float(v.detach()) for k, v in losses.items()}, self.ctx)
             bad = {k: v for k, v in logged.items() if not math.isfinite(v)}
             if bad:
@@ -356,6 +395,8 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_max_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.average is not None:
+                self.average.update_parameters(self.model)
             used_lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()  # the learning rate of the next step
             averages.add(logged)
@@ -371,7 +412,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, save_detections: Path | None = None) -> tuple[list[float], dict[str, float]]:
         """COCO stats and mean losses on the validation split."""
-        self.ddp.eval()
+        self.evaluated_model.eval()
         loader = self._loader(self.data.val, train=False)
         results: list[dict[str, Any]] = []
         image_ids: list[int] = []
@@ -401,9 +442,10 @@ class Trainer:
         images = [
             self.data.val[i][0].to(self.ctx.device) for i in range(min(self.config.probe_images, len(self.data.val)))
         ]
-        self.model.eval()
-        with torch.no_grad(), record(self.model, sites=self.config.probe_sites) as rec:
-            self.model(images)
+        model = self.evaluated_model
+        model.eval()
+        with torch.no_grad(), record(model, sites=self.config.probe_sites) as rec:
+            model(images)
         return rec.save(self.output_dir / RECORDINGS_DIR / f"epoch_{epoch:04d}.safetensors")
 
     def save_checkpoint(self, epoch: int) -> Path | None:
@@ -416,9 +458,16 @@ class Trainer:
         rng = distributed.gather_objects([_rng_state()], self.ctx)
         if not self.ctx.is_main:
             return None
+        extra: dict[str, Any] = {}
+        if self.denoiser is not None:
+            extra[DENOISER_KEY] = self.denoiser.state_dict()
+        if self.average is not None:
+            extra[TRAINING_WEIGHTS_KEY] = self.model.state_dict()
+            extra[AVERAGE_UPDATES_KEY] = int(self.average.n_averaged)
         path = save_model(
-            self.model,
+            self.evaluated_model,
             self.output_dir / CHECKPOINT_NAME,
+            **extra,
             optimizer=self.optimizer.state_dict(),
             lr_scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(),
@@ -506,7 +555,7 @@ class Trainer:
 def _prediction_tensors(outputs: dict[str, Any]) -> dict[str, Tensor]:
     """Every prediction tensor of the model's outputs by a readable name (``aux_outputs[2].pred_boxes``)."""
     tensors = {key: outputs[key] for key in ("pred_logits", "pred_boxes")}
-    for group in ("aux_outputs", "encoder_outputs"):
+    for group in ("aux_outputs", "encoder_outputs", "denoising"):
         for index, part in enumerate(outputs.get(group, [])):
             for key in ("pred_logits", "pred_boxes"):
                 tensors[f"{group}[{index}].{key}"] = part[key]
@@ -520,7 +569,7 @@ def _float_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
         return {k: v.float() if v.is_floating_point() else v for k, v in d.items() if isinstance(v, Tensor)}
 
     out = cast(outputs)
-    for key in ("aux_outputs", "encoder_outputs"):
+    for key in ("aux_outputs", "encoder_outputs", "denoising"):
         if key in outputs:
             out[key] = [cast(part) for part in outputs[key]]
     return out

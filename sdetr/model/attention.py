@@ -38,19 +38,36 @@ class AttentionProbe(Protocol):
         ...
 
 
-def attention_weights(q: Tensor, k: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+def blocked_pairs(key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> Tensor | None:
+    """The query-key pairs that may not attend, ``[B or 1, 1, Lq or 1, Lk]`` (True = blocked), or None.
+
+    Args:
+        key_padding_mask: ``[B, Lk]``, True on padded keys, or None.
+        attn_mask: ``[Lq, Lk]``, True where query i may not see key j, or None.
+    """
+    blocked = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk]
+    if attn_mask is not None:
+        pairs = attn_mask[None, None]  # [1, 1, Lq, Lk]
+        blocked = pairs if blocked is None else blocked | pairs
+    return blocked
+
+
+def attention_weights(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None = None) -> Tensor:
     """Explicit attention map.
 
     Args:
         q: ``[B, heads, Lq, d]`` (unscaled projections).
         k: ``[B, heads, Lk, d]``.
         key_padding_mask: ``[B, Lk]``, True on padded keys, or None.
+        attn_mask: ``[Lq, Lk]``, True where query i may not see key j (training-only denoising
+            queries, :mod:`sdetr.model.denoising`), or None.
     Returns:
-        ``a [B, heads, Lq, Lk]``, each row summing to 1, zero on padded keys.
+        ``a [B, heads, Lq, Lk]``, each row summing to 1, zero on padded or blocked keys.
     """
     logits = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # [B, h, Lq, Lk]
-    if key_padding_mask is not None:
-        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    blocked = blocked_pairs(key_padding_mask, attn_mask)
+    if blocked is not None:
+        logits = logits.masked_fill(blocked, float("-inf"))
     return logits.softmax(dim=-1)
 
 
@@ -95,28 +112,40 @@ class Attention(nn.Module):
             split(F.linear(value, w_v, b_v)),
         )
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
         """Args:
             query: ``[B, Lq, E]``; key, value: ``[B, Lk, E]``.
             key_padding_mask: ``[B, Lk]`` bool, True on padded keys.
+            attn_mask: ``[Lq, Lk]`` bool, True where a query may not see a key (only with
+                training-only denoising queries; None in inference).
         Returns:
             ``[B, Lq, E]``.
         """
         q, k, v = self.project(query, key, value)  # [B, heads, L, d]
         dropout = self.dropout if self.training else 0.0
         if self.probes and any(getattr(probe, "needs_weights", True) for probe in self.probes):
-            heads_out = self._explicit(q, k, v, key_padding_mask, dropout)
+            heads_out = self._explicit(q, k, v, key_padding_mask, attn_mask, dropout)
         else:
-            attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-            heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+            blocked = blocked_pairs(key_padding_mask, attn_mask)
+            allowed = None if blocked is None else ~blocked
+            heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
             for probe in self.probes:  # head-only probes (gates) on the fused output
                 heads_out = probe.on_heads(self, heads_out)  # [B, heads, Lq, d]
         batch, _, length, _ = heads_out.shape
         merged = heads_out.transpose(1, 2).reshape(batch, length, self.embed_dim)  # [B, Lq, E]
         return self.out_proj(merged)
 
-    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, dropout: float) -> Tensor:
-        a = attention_weights(q, k, key_padding_mask)  # [B, heads, Lq, Lk]
+    def _explicit(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None, dropout: float
+    ) -> Tensor:
+        a = attention_weights(q, k, key_padding_mask, attn_mask)  # [B, heads, Lq, Lk]
         for probe in self.probes:
             a = probe.on_weights(self, q, k, v, a)
         heads_out = F.dropout(a, p=dropout) @ v  # [B, heads, Lq, d]

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
 from sdetr.model.boxes import cxcywh_to_xyxy
+from sdetr.model.denoising import IGNORE, DenoisingBatch
 from sdetr.model.encoder_loss import encoder_losses, global_mean
 from sdetr.model.matcher import HungarianMatcher, Target
 
@@ -97,18 +98,42 @@ class SetCriterion(nn.Module):
             "cardinality_error": cardinality_error,
         }
 
+    def denoising_losses(self, output: dict, denoising: DenoisingBatch) -> dict[str, Tensor]:
+        """Losses of one decoder layer's denoising predictions (``pred_logits [B, D, C+1]``,
+        ``pred_boxes [B, D, 4]``): each query against the object it was made from, no matching.
+        CE is the mean over the queries with an object; L1 and GIoU are per object (as DETR's)."""
+        valid = denoising.labels != IGNORE  # [B, D]
+        count = global_mean(valid.sum().float()).clamp(min=1.0)
+        logits, labels = output["pred_logits"][valid], denoising.labels[valid]  # [P, C+1], [P]
+        predicted, wanted = output["pred_boxes"][valid], denoising.boxes[valid]  # [P, 4]
+        return {
+            "loss_ce": F.cross_entropy(logits, labels, reduction="sum") / count,
+            "loss_bbox": F.l1_loss(predicted, wanted, reduction="sum") / count,
+            "loss_giou": generalized_box_iou_loss(cxcywh_to_xyxy(predicted), cxcywh_to_xyxy(wanted), reduction="sum")
+            / count,
+        }
+
     def loss_weight(self, key: str) -> float | None:
-        """Weight of a loss key (``loss_giou_3`` -> weight of ``loss_giou``, ``loss_ce_enc2`` ->
-        weight of ``loss_ce`` times ``encoder_weight``); None for metrics."""
-        weight = self.config.weights.get(re.sub(r"_(enc)?\d+$", "", key))
+        """Weight of a loss key (``loss_giou_3`` -> weight of ``loss_giou``, ``loss_ce_dn2`` -> weight
+        of ``loss_ce``, ``loss_ce_enc2`` -> weight of ``loss_ce`` times ``encoder_weight``); None
+        for metrics."""
+        weight = self.config.weights.get(re.sub(r"_(enc|dn)?\d+$", "", key))
         if weight is not None and re.search(r"_enc\d+$", key):
             weight *= self.config.encoder_weight
         return weight
 
-    def forward(self, outputs: dict, targets: list[Target], one_to_many: int | None = None) -> dict[str, Tensor]:
+    def forward(
+        self,
+        outputs: dict,
+        targets: list[Target],
+        one_to_many: int | None = None,
+        denoising: DenoisingBatch | None = None,
+    ) -> dict[str, Tensor]:
         """The losses of every decoder output (and of the encoders with ``encoder_weight``).
 
         ``one_to_many`` overrides the config's for this call (the trainer's early epochs).
+        ``denoising``: the batch's denoising queries, whose predictions are ``outputs["denoising"]``;
+        adds ``loss_ce_dn{i}``, ``loss_bbox_dn{i}``, ``loss_giou_dn{i}`` for decoder layer ``i``.
         """
         times = self.config.one_to_many if one_to_many is None else one_to_many
         matched = repeat_targets(targets, times, outputs["pred_logits"].shape[1])
@@ -127,6 +152,9 @@ class SetCriterion(nn.Module):
             for stage, dense in enumerate(dense_outputs, start=1):
                 stage_losses = encoder_losses(dense, targets, self.num_classes, self.empty_weight)
                 losses.update({f"{k}_enc{stage}": v for k, v in stage_losses.items()})
+        if denoising is not None:
+            for index, output in enumerate(outputs["denoising"]):
+                losses.update({f"{k}_dn{index}": v for k, v in self.denoising_losses(output, denoising).items()})
         weighted = [value * w for key, value in losses.items() if (w := self.loss_weight(key)) is not None]
         losses["total"] = torch.stack(weighted).sum()
         return losses

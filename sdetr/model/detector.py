@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from sdetr.config import ModelConfig, StageConfig
 from sdetr.model.attention import Attention
 from sdetr.model.backbone import Backbone
+from sdetr.model.denoising import DenoisingBatch
 from sdetr.model.images import ImageBatch
 from sdetr.model.position import build_position_embedding
 from sdetr.model.transformer import Decoder, DecoderLayer, Encoder, EncoderLayer
@@ -72,13 +73,17 @@ class Stage(nn.Module):
                 if parameter.dim() > 1:
                     nn.init.xavier_uniform_(parameter)
 
-    def forward(self, features: Tensor, mask: Tensor, tgt: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, features: Tensor, mask: Tensor, tgt: Tensor | None, denoising: DenoisingBatch | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Args:
             features: ``[B, C, H, W]`` backbone level; mask: ``[B, H, W]`` True = padded.
-            tgt: ``[B, Q, E]`` decoder start (previous stage's output), or None for zeros.
+            tgt: ``[B, Q, E]`` decoder start (previous stage's output), or None for zeros
+                (``[B, Q + D, E]`` with denoising queries).
+            denoising: training-only denoising queries, appended after the ``Q`` matching ones.
         Returns:
-            the normed output of every decoder layer, ``[L, B, Q, E]``, and the encoder's
-            output (the memory), ``[B, HW, E]``.
+            the normed output of every decoder layer, ``[L, B, Q, E]`` (``[L, B, Q + D, E]`` with
+            denoising queries), and the encoder's output (the memory), ``[B, HW, E]``.
         """
         pos = self.position(mask).to(features.dtype).flatten(2).transpose(1, 2)  # [B, HW, E]
         x = self.input_proj(features).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, E]
@@ -87,7 +92,13 @@ class Stage(nn.Module):
         query_pos = self.query_embed.weight[None].expand(x.shape[0], -1, -1)  # [B, Q, E]
         if tgt is None:
             tgt = torch.zeros_like(query_pos)
-        return self.decoder(tgt, query_pos, memory, pos, flat_mask), memory
+            if denoising is not None:
+                tgt = torch.cat((tgt, denoising.content.to(tgt.dtype)), dim=1)  # [B, Q + D, E]
+        self_attn_mask = None
+        if denoising is not None:
+            query_pos = torch.cat((query_pos, denoising.position.to(query_pos.dtype)), dim=1)  # [B, Q + D, E]
+            self_attn_mask = denoising.self_attn_mask
+        return self.decoder(tgt, query_pos, memory, pos, flat_mask, self_attn_mask), memory
 
 
 class Detector(nn.Module):
@@ -148,7 +159,11 @@ class Detector(nn.Module):
         return sites
 
     def forward(
-        self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None, encoder_outputs: bool = False
+        self,
+        images: Tensor | Sequence[Tensor],
+        mask: Tensor | None = None,
+        encoder_outputs: bool = False,
+        denoising: DenoisingBatch | None = None,
     ) -> dict:
         """Args:
             images: ``[B, 3, H, W]`` normalised images, or a list of ``[3, H_i, W_i]`` ones, of any
@@ -156,12 +171,16 @@ class Detector(nn.Module):
             mask: optional ``[B, H, W]`` bool pad mask (True = padded) for a tensor input.
             encoder_outputs: also apply the shared heads to every cell of each stage's encoder
                 output (for :mod:`sdetr.model.encoder_loss`; training only).
+            denoising: training-only denoising queries (:mod:`sdetr.model.denoising`); they never
+                change the matching queries' outputs (a self-attention mask hides them).
         Returns:
             ``pred_logits [B, Q, num_classes + 1]``, ``pred_boxes [B, Q, 4]`` (cx, cy, w, h in
             [0, 1] of the unpadded image) and ``aux_outputs``, the earlier decoder layers'
             predictions (a list of dicts with the same two keys). With ``encoder_outputs``,
             ``encoder_outputs`` too: per stage ``pred_logits [B, h, w, num_classes + 1]``,
-            ``pred_boxes [B, h, w, 4]`` and the cells' pad ``mask [B, h, w]``.
+            ``pred_boxes [B, h, w, 4]`` and the cells' pad ``mask [B, h, w]``. With ``denoising``,
+            ``denoising`` too: every decoder layer's predictions for the ``D`` denoising queries
+            (a list of dicts, ``pred_logits [B, D, C + 1]``, ``pred_boxes [B, D, 4]``).
         """
         batch = ImageBatch.from_input(images, mask)
         weight = self.class_embed.weight  # inputs follow the model: float16/float64 images are converted
@@ -173,7 +192,7 @@ class Detector(nn.Module):
         for stage in self.stages:
             level_features, level_mask = features[stage.feature]
             # hs [L, B, Q, E]: every decoder layer's output; memory [B, HW, E]: the encoder's output
-            hs, memory = stage(level_features, level_mask, tgt if stage.from_previous else None)
+            hs, memory = stage(level_features, level_mask, tgt if stage.from_previous else None, denoising)
             tgt = hs[-1]
             decoded.append(hs)
             if encoder_outputs:
@@ -185,9 +204,16 @@ class Detector(nn.Module):
                         "mask": level_mask,
                     }
                 )
-        hs = torch.cat(decoded)  # [total decoder layers, B, Q, E]
-        logits = self.class_embed(hs)  # [L, B, Q, C + 1]
-        boxes = self.bbox_embed(hs).sigmoid()  # [L, B, Q, 4]
+        hs = torch.cat(decoded)  # [total decoder layers, B, Q (+ D), E]
+        logits = self.class_embed(hs)  # [L, B, Q (+ D), C + 1]
+        boxes = self.bbox_embed(hs).sigmoid()  # [L, B, Q (+ D), 4]
+        queries = self.config.num_queries
+        noisy = [  # the denoising queries' predictions per layer, [B, D, ...] (none without them)
+            {"pred_logits": lg, "pred_boxes": bx}
+            for lg, bx in zip(logits[:, :, queries:], boxes[:, :, queries:], strict=True)
+            if denoising is not None
+        ]
+        logits, boxes = logits[:, :, :queries], boxes[:, :, :queries]  # [L, B, Q, ...]
         outputs = {
             "pred_logits": logits[-1],
             "pred_boxes": boxes[-1],
@@ -197,4 +223,6 @@ class Detector(nn.Module):
         }
         if encoder_outputs:
             outputs["encoder_outputs"] = dense
+        if denoising is not None:
+            outputs["denoising"] = noisy
         return outputs

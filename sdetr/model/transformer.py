@@ -72,11 +72,20 @@ class DecoderLayer(_FFNMixin):
         self.self_dropout = nn.Dropout(dropout)
         self.cross_dropout = nn.Dropout(dropout)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, pos: Tensor, memory_mask: Tensor) -> Tensor:
-        """``tgt, query_pos [B, Q, E]``; ``memory, pos [B, HW, E]``; ``memory_mask [B, HW]``."""
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        memory: Tensor,
+        pos: Tensor,
+        memory_mask: Tensor,
+        self_attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``tgt, query_pos [B, Q, E]``; ``memory, pos [B, HW, E]``; ``memory_mask [B, HW]``;
+        ``self_attn_mask [Q, Q]`` (True = query i may not see query j; training-only denoising)."""
 
         def self_attend(h: Tensor) -> Tensor:
-            return self.self_dropout(self.self_attn(h + query_pos, h + query_pos, h))
+            return self.self_dropout(self.self_attn(h + query_pos, h + query_pos, h, attn_mask=self_attn_mask))
 
         def cross_attend(h: Tensor) -> Tensor:
             return self.cross_dropout(self.cross_attn(h + query_pos, memory + pos, memory, memory_mask))
@@ -108,10 +117,18 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, pos: Tensor, memory_mask: Tensor) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        memory: Tensor,
+        pos: Tensor,
+        memory_mask: Tensor,
+        self_attn_mask: Tensor | None = None,
+    ) -> Tensor:
         """Returns the normed output of every layer, ``[L, B, Q, E]``."""
         outputs = []
         for layer in self.layers:
-            tgt = layer(tgt, query_pos, memory, pos, memory_mask)
+            tgt = layer(tgt, query_pos, memory, pos, memory_mask, self_attn_mask)
             outputs.append(self.norm(tgt))
         return torch.stack(outputs)

@@ -278,3 +278,26 @@ def test_evaluation_runs_in_float32_whatever_the_training_precision(tmp_path: Pa
     fp32.model.load_state_dict(bf16.model.state_dict())
     assert bf16.precision == "bf16" and fp32.precision == "fp32"
     assert bf16.evaluate()[1] == fp32.evaluate()[1]  # the validation losses, to the last bit
+
+
+def test_denoising_queries_are_trained_saved_and_resumed_exactly(tmp_path: Path) -> None:
+    """With ``denoising_groups``: the criterion gets the denoising losses, the denoiser's embeddings
+    are optimised and saved outside the model, and a resumed run equals a straight one."""
+    config = small_config(tmp_path / "straight", denoising_groups=2)
+    trainer = Trainer.from_config(config)
+    assert trainer.denoiser is not None
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in trainer.denoiser.parameters()} <= optimised
+    before = trainer.denoiser.label_embed.weight.detach().clone()
+    entries = trainer.run()
+    assert "train_loss_giou_dn0" in entries[0] and "train_loss_ce_dn3" in entries[0]
+    assert not torch.equal(before, trainer.denoiser.label_embed.weight)
+    saved = torch.load(tmp_path / "straight" / CHECKPOINT_NAME, weights_only=True)
+    assert not [key for key in saved["model"] if "denoiser" in key or "label_embed" in key]  # not in the model
+    Trainer.from_config(small_config(tmp_path / "split", epochs=1, denoising_groups=2)).run()
+    split_path = tmp_path / "split" / CHECKPOINT_NAME
+    Trainer.from_config(small_config(tmp_path / "split", denoising_groups=2, resume=str(split_path))).run()
+    split = torch.load(split_path, weights_only=True)
+    for entry in ("model", "denoiser"):
+        for key, value in saved[entry].items():
+            assert torch.equal(value, split[entry][key]), (entry, key)

@@ -86,3 +86,24 @@ def test_hand_computed_single_head() -> None:
 def test_bad_head_count_is_rejected() -> None:
     with pytest.raises(ValueError, match="not divisible"):
         Attention(16, 3)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_attention_mask_matches_torch_and_both_paths(heads: int) -> None:
+    """The training-only ``attn_mask`` (True = blocked) with a key padding mask, against
+    nn.MultiheadAttention's boolean masks; blocked pairs get zero weight on the explicit path."""
+    ours = Attention(16, heads).eval()
+    theirs = nn.MultiheadAttention(16, heads, batch_first=True).eval()
+    theirs.load_state_dict(ours.state_dict())
+    query, key, value, mask = _inputs(seed=2)
+    blocked = torch.zeros(5, 7, dtype=torch.bool)
+    blocked[0, 2:] = True  # query 0 sees keys 0 and 1 only
+    blocked[3, :2] = True
+    expected, weights = theirs(query, key, value, key_padding_mask=mask, attn_mask=blocked, average_attn_weights=False)
+    fused = ours(query, key, value, mask, attn_mask=blocked)
+    torch.testing.assert_close(fused, expected, atol=1e-6, rtol=0)
+    probe = PassThrough()
+    ours.probes.append(probe)
+    torch.testing.assert_close(ours(query, key, value, mask, attn_mask=blocked), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(probe.maps[0], weights, atol=1e-6, rtol=0)
+    assert torch.all(probe.maps[0][:, :, 0, 2:] == 0) and torch.all(probe.maps[0][:, :, 3, :2] == 0)

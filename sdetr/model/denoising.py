@@ -1,0 +1,138 @@
+"""Denoising queries (DN-DETR, Li et al. 2022), a training aid that leaves inference unchanged.
+
+During training, each image's ground-truth objects are copied into ``groups`` groups of extra
+decoder queries with noise added: a label flipped to a random class with probability
+``label_noise`` and a box whose centre moves by up to ``box_noise`` half-sides and whose sides
+scale by up to ``1 +- box_noise``. A query's content (its stage-1 decoder start) embeds the noisy
+label; its positional query embeds the noisy box. The decoder is asked to reconstruct each
+query's true object, with no Hungarian matching, which gives the decoder a stable localisation
+target from the first step.
+
+The extra queries are appended after the ``Q`` matching queries of every stage (stage 2 starts
+them from stage 1's output, as it does the matching queries). A decoder self-attention mask
+keeps the matching queries from seeing any denoising query, and each group from seeing the
+others, so the matching queries' predictions do not depend on the ground truth. The embeddings
+live in :class:`Denoiser`, owned by the trainer: the detector gains no parameters, and with
+``denoising=None`` (always in inference) its forward is the plain one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sdetr.model.matcher import Target
+
+#: Label of padded denoising slots (images with fewer objects than the batch's most): no loss.
+IGNORE = -1
+
+
+@dataclass
+class DenoisingBatch:
+    """The denoising queries of one batch, ``D = groups * N`` of them (``N``: most objects in an image).
+
+    Attributes:
+        content: ``[B, D, E]`` stage-1 decoder start of each query (its noisy label's embedding).
+        position: ``[B, D, E]`` positional query of each query (its noisy box's embedding), every stage.
+        self_attn_mask: ``[Q + D, Q + D]`` True where query i may not see query j in the decoder's
+            self-attention (the ``Q`` matching queries come first).
+        labels: ``[B, D]`` class of the object each query must reconstruct, ``IGNORE`` on padding.
+        boxes: ``[B, D, 4]`` its true box (cx, cy, w, h in [0, 1]); zeros on padding.
+    """
+
+    content: Tensor
+    position: Tensor
+    self_attn_mask: Tensor
+    labels: Tensor
+    boxes: Tensor
+
+
+def sine_box_embedding(boxes: Tensor, channels: int, temperature: float = 10000.0) -> Tensor:
+    """``boxes [..., 4]`` in [0, 1] -> ``[..., 4 * channels]``: each coordinate scaled by 2*pi and
+    embedded as DETR's sine position embedding does a cell's x or y (interleaved sin/cos)."""
+    i = torch.arange(channels, dtype=torch.float32, device=boxes.device)
+    dim_t = temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / channels)  # [channels]
+    angles = boxes.float()[..., None] * (2 * math.pi) / dim_t  # [..., 4, channels]
+    waves = torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1)  # [..., 4, channels/2, 2]
+    return waves.flatten(-3)  # [..., 4 * channels]
+
+
+def denoising_mask(num_queries: int, groups: int, group_size: int, device: torch.device) -> Tensor:
+    """``[Q + D, Q + D]`` bool, True = blocked: matching queries see no denoising query, and each
+    denoising group sees only itself and the matching queries."""
+    total = num_queries + groups * group_size
+    blocked = torch.zeros(total, total, dtype=torch.bool, device=device)
+    blocked[:num_queries, num_queries:] = True
+    group_of = torch.arange(groups * group_size, device=device) // group_size  # [D]
+    blocked[num_queries:, num_queries:] = group_of[:, None] != group_of[None, :]
+    return blocked
+
+
+class Denoiser(nn.Module):
+    """Makes the denoising queries of a batch from its targets (training only).
+
+    Args:
+        num_classes: the detector's ``num_classes`` (labels are in ``[0, num_classes)``).
+        dim: the detector's ``hidden_dim``.
+        num_queries: the detector's matching queries per stage.
+        groups: noisy copies of every object.
+        label_noise: probability that a copy's label is replaced by a random class.
+        box_noise: the box noise scale (DN-DETR's lambda).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        num_queries: int,
+        groups: int = 5,
+        label_noise: float = 0.2,
+        box_noise: float = 0.4,
+    ) -> None:
+        super().__init__()
+        if groups < 1:
+            raise ValueError(f"groups={groups}; use at least 1 group of denoising queries")
+        if dim % 8:
+            raise ValueError(f"dim={dim}; the box embedding needs hidden_dim divisible by 8")
+        self.num_classes, self.num_queries, self.groups = num_classes, num_queries, groups
+        self.label_noise, self.box_noise = label_noise, box_noise
+        self.label_embed = nn.Embedding(num_classes, dim)
+        self.box_embed = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    def forward(self, targets: list[Target]) -> DenoisingBatch | None:
+        """The batch's denoising queries, or None when no image has an object."""
+        size = max(len(t["labels"]) for t in targets)
+        if size == 0:
+            return None
+        device = self.label_embed.weight.device
+        batch, count = len(targets), self.groups * size
+        labels = torch.full((batch, size), IGNORE, dtype=torch.int64, device=device)
+        boxes = torch.zeros(batch, size, 4, device=device)
+        for b, target in enumerate(targets):
+            n = len(target["labels"])
+            labels[b, :n] = target["labels"].to(device)
+            boxes[b, :n] = target["boxes"].to(device, torch.float32)
+        labels, boxes = labels.repeat(1, self.groups), boxes.repeat(1, self.groups, 1)  # [B, D], [B, D, 4]
+        valid = labels != IGNORE
+        noisy_labels = torch.where(
+            torch.rand(batch, count, device=device) < self.label_noise,
+            torch.randint(0, self.num_classes, (batch, count), device=device),
+            labels,
+        ).clamp(min=0)  # padding embeds class 0 (its loss is ignored)
+        noisy_boxes = self._jitter(boxes)
+        content = self.label_embed(noisy_labels) * valid[..., None]  # [B, D, E]
+        channels = self.label_embed.embedding_dim // 2  # 4 coordinates x E/2 channels -> 2E
+        position = self.box_embed(sine_box_embedding(noisy_boxes, channels)) * valid[..., None]  # [B, D, E]
+        mask = denoising_mask(self.num_queries, self.groups, size, device)
+        return DenoisingBatch(content, position, mask, labels, boxes)
+
+    def _jitter(self, boxes: Tensor) -> Tensor:
+        """``boxes [B, D, 4]`` cxcywh -> noisy copies: centres moved by up to ``box_noise`` half
+        sides, sides scaled by ``1 +- box_noise``; clamped to the image."""
+        centre, sides = boxes[..., :2], boxes[..., 2:]
+        shift = (torch.rand_like(centre) * 2 - 1) * sides / 2 * self.box_noise
+        scale = 1 + (torch.rand_like(sides) * 2 - 1) * self.box_noise
+        return torch.cat(((centre + shift).clamp(0, 1), (sides * scale).clamp(1e-3, 1)), dim=-1)

@@ -1,0 +1,105 @@
+"""Denoising queries (DN-DETR): the mask by hand, the queries' layout and noise, the detector's
+matching outputs untouched by them, their losses, and the box embedding against DETR's sine one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sdetr import build_model
+from sdetr.model import CriterionConfig, SetCriterion
+from sdetr.model.denoising import IGNORE, Denoiser, denoising_mask, sine_box_embedding
+from sdetr.model.position import SinePositionEmbedding
+
+TARGETS = [
+    {"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.2, 0.3, 0.1, 0.1]])},
+    {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.6, 0.3, 0.3]])},
+]
+
+
+def test_mask_by_hand() -> None:
+    # 2 matching queries (m), then 2 groups of 1 denoising query (g0, g1); True = blocked
+    expected = torch.tensor(
+        [
+            # m  m  g0 g1
+            [0, 0, 1, 1],  # m: sees no denoising query
+            [0, 0, 1, 1],
+            [0, 0, 0, 1],  # g0: the matching queries and itself
+            [0, 0, 1, 0],  # g1
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(denoising_mask(2, 2, 1, torch.device("cpu")), expected)
+
+
+def test_queries_copy_each_object_per_group_with_padding() -> None:
+    denoiser = Denoiser(num_classes=5, dim=16, num_queries=4, groups=3, label_noise=0.0, box_noise=0.0)
+    batch = denoiser(TARGETS)
+    assert batch is not None
+    assert batch.content.shape == batch.position.shape == (2, 6, 16)  # 3 groups x 2 slots
+    assert batch.self_attn_mask.shape == (10, 10)
+    assert batch.labels.tolist() == [[1, 3, 1, 3, 1, 3], [2, IGNORE, 2, IGNORE, 2, IGNORE]]
+    assert torch.equal(batch.boxes[0, 2:4], TARGETS[0]["boxes"]) and torch.all(batch.boxes[1, 1] == 0)
+    # without noise a query embeds its own label and box; padded slots are zeros
+    torch.testing.assert_close(batch.content[0, 1], denoiser.label_embed.weight[3])
+    expected_position = denoiser.box_embed(sine_box_embedding(TARGETS[1]["boxes"][0], 8))
+    torch.testing.assert_close(batch.position[1, 2], expected_position)
+    assert torch.all(batch.content[1, 1] == 0) and torch.all(batch.position[1, 1] == 0)
+    assert denoiser([{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]) is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(0.05, 0.95), st.floats(0.05, 0.95), st.floats(0.02, 0.9), st.floats(0.02, 0.9), st.integers(0, 10**6))
+def test_box_noise_stays_within_its_scale(cx: float, cy: float, w: float, h: float, seed: int) -> None:
+    torch.manual_seed(seed)
+    denoiser = Denoiser(num_classes=3, dim=16, num_queries=2, groups=1, box_noise=0.4)
+    box = torch.tensor([[[cx, cy, w, h]]])
+    noisy = denoiser._jitter(box.expand(1, 50, 4))  # [1, 50, 4]
+    shift = (noisy[..., :2] - box[..., :2]).abs()
+    assert torch.all(shift <= 0.4 * box[..., 2:] / 2 + 1e-6)
+    ratio = noisy[..., 2:] / box[..., 2:]
+    assert torch.all((ratio >= 0.6 - 1e-6) | (noisy[..., 2:] == 1e-3)) and torch.all(ratio <= 1.4 + 1e-6)
+
+
+def test_box_embedding_of_a_centre_is_detrs_sine_embedding_of_that_cell() -> None:
+    """A cell's x in DETR's embedding is (col + 1) / W * 2 pi; the same x as a box's cx embeds alike."""
+    dim = 16
+    grid = SinePositionEmbedding(dim)(torch.zeros(1, 3, 4, dtype=torch.bool))  # [1, dim, 3, 4]
+    row, col = 1, 2
+    box = torch.tensor([(col + 1) / 4, (row + 1) / 3, 0.5, 0.5])
+    embedded = sine_box_embedding(box, dim // 2)  # [4 * dim/2]: cx, cy, w, h channels
+    torch.testing.assert_close(embedded[: dim // 2], grid[0, dim // 2 :, row, col])  # x channels
+    torch.testing.assert_close(embedded[dim // 2 : dim], grid[0, : dim // 2, row, col])  # y channels
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_matching_outputs_do_not_change_with_denoising_queries(train: bool) -> None:
+    torch.manual_seed(0)
+    model = build_model("sdetr-tiny", num_classes=5).train(train)  # dropout 0: train mode is deterministic
+    images = [torch.randn(3, 96, 128), torch.randn(3, 80, 128)]
+    batch = Denoiser(5, 64, 20, groups=3)(TARGETS)
+    plain = model(images)
+    noisy = model(images, denoising=batch)
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(plain[key], noisy[key]), key
+        for index, aux in enumerate(plain["aux_outputs"]):
+            assert torch.equal(aux[key], noisy["aux_outputs"][index][key]), (key, index)
+    assert len(noisy["denoising"]) == 4  # every decoder layer of both stages
+    assert noisy["denoising"][0]["pred_boxes"].shape == (2, 6, 4) and "denoising" not in plain
+
+
+def test_denoising_losses_by_hand() -> None:
+    criterion = SetCriterion(num_classes=3, config=CriterionConfig())
+    batch = Denoiser(3, 16, 2, groups=1)(TARGETS[1:])  # one query: class 2, box [0.4, 0.6, 0.3, 0.3]
+    assert batch is not None
+    logits = torch.tensor([[[0.0, 0.0, 2.0, 0.0]]])  # [B, D, C + 1]
+    boxes = torch.tensor([[[0.5, 0.6, 0.3, 0.3]]])  # cx off by 0.1
+    losses = criterion.denoising_losses({"pred_logits": logits, "pred_boxes": boxes}, batch)
+    expected_ce = -torch.log_softmax(logits[0, 0], -1)[2]
+    torch.testing.assert_close(losses["loss_ce"], expected_ce)
+    torch.testing.assert_close(losses["loss_bbox"], torch.tensor(0.1))
+    # boxes [0.35, 0.45, 0.65, 0.75] vs [0.25, 0.45, 0.55, 0.75]: intersection 0.2 x 0.3, union 0.12
+    torch.testing.assert_close(losses["loss_giou"], torch.tensor(1 - 0.06 / 0.12))
+    assert criterion.loss_weight("loss_giou_dn3") == 2.0 and criterion.loss_weight("loss_bbox_dn0") == 5.0
