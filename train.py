@@ -114,7 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--skip_bad_data", action="store_true", default=None, help="skip bad annotations and images")
-    p.add_argument("--no_augment", dest="augment", action="store_false", default=None)
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="DETR's augmentation of the train split (default: on for COCO, off on the synthetic set)",
+    )
+    p.add_argument("--no_augment", dest="augment", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--max_train_images", type=int)
     p.add_argument("--synthetic_seed", type=int)
     p.add_argument("--synthetic_train", type=int, help="images in the synthetic train split")

@@ -34,12 +34,25 @@ def test_original_recipe_and_explicit_flags_win() -> None:
     assert (config.encoder_loss, config.one_to_many, config.one_to_many_epochs) == (0.0, 1, 0)
     assert (config.precision, config.schedule, config.warmup_steps, config.clip_max_norm) == ("fp32", "step", 0, 0.1)
     assert config.encoder_loss == 0.0  # the original criterion: no dense encoder losses
+    assert (config.ema_decay, config.denoising_groups, config.augment) == (
+        0.0,
+        0,
+        True,
+    )  # raw weights, DETR's augmentation
 
 
 def test_quickstart_training_aids_can_be_switched_off() -> None:
     assert config_from_args([]).encoder_loss > 0 and config_from_args([]).synthetic_class_hues
     config = config_from_args(["--encoder_loss", "0", "--synthetic_any_colour"])
     assert config.encoder_loss == 0.0 and config.synthetic_class_hues is False
+
+
+def test_augmentation_is_off_on_the_synthetic_set_and_on_for_coco_unless_asked() -> None:
+    assert config_from_args([]).augments() is False  # the quickstart underfits; augmenting halves its AP50
+    assert config_from_args(["--coco_path", "/data/coco"]).augments() is True
+    assert config_from_args(["--augment"]).augments() is True
+    assert config_from_args(["--coco_path", "/data/coco", "--no-augment"]).augments() is False
+    assert config_from_args(["--coco_path", "/data/coco", "--no_augment"]).augments() is False  # the old spelling
 
 
 def test_overrides_are_parsed_as_literals() -> None:

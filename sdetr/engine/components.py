@@ -55,7 +55,7 @@ def build_data(config: TrainConfig, ctx: DistributedContext) -> TrainingData:
         root, scale = Path(config.coco_path), config.scale or "full"
     on_bad: OnBadData = "skip" if config.skip_bad_data else "error"
     cache = config.coco_path is None  # the synthetic set is small: decode each image once, not every epoch
-    train = CocoDetection(CocoPaths(root, "train"), build_transforms(scale, True, config.augment), on_bad, cache)
+    train = CocoDetection(CocoPaths(root, "train"), build_transforms(scale, True, config.augments()), on_bad, cache)
     val = CocoDetection(CocoPaths(root, "val"), build_transforms(scale, False), on_bad, cache)
     return TrainingData(train, val, root)
 

@@ -45,6 +45,7 @@ def small_config(output: Path, **changes: object) -> TrainConfig:
         output_dir=str(output),
         device="cpu",
         precision="fp32",  # the same on every CPU, bf16 or not
+        augment=True,  # resume tests need the augmentation's random state
     )
     values.update(changes)
     return TrainConfig(**values)  # type: ignore[arg-type]
