@@ -55,7 +55,10 @@ class QuickRun:
     model_overrides: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     def key(self) -> str:
-        payload = json.dumps(asdict(self), sort_keys=True, default=str)
+        """The cache folder's name: the run's fields and every training option it implies (so a
+        change of the trainer's defaults, such as a new training aid, trains a new model)."""
+        options = {k: v for k, v in self.train_config("").to_dict().items() if k != "output_dir"}
+        payload = json.dumps({**asdict(self), "train_config": options}, sort_keys=True, default=str)
         return (
             f"{self.preset}-e{self.epochs}-n{self.train_images}-s{self.seed}-"
             + hashlib.sha1(payload.encode()).hexdigest()[:10]

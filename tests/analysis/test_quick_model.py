@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,4 +27,8 @@ def test_trains_once_then_reuses_the_cache(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(quick_model, "Trainer", fail)
     assert quick_checkpoint(run) == path
     assert QuickRun(epochs=2).key() != QuickRun(epochs=1).key()
+    defaults = QuickRun().key()
+    shipped = QuickRun.train_config
+    monkeypatch.setattr(QuickRun, "train_config", lambda self, out: replace(shipped(self, out), ema_decay=0.5))
+    assert QuickRun().key() != defaults  # another trainer default: a new model, not an old default's
     assert len(quick_dataset(run)) == 2
