@@ -58,6 +58,8 @@ from sdetr.instrument import (
 )
 from sdetr.model import (
     CriterionConfig,
+    Denoiser,
+    DenoisingBatch,
     Detector,
     HungarianMatcher,
     ImageBatch,
@@ -117,6 +119,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "CriterionConfig",
+    "Denoiser",
+    "DenoisingBatch",
     "Detector",
     "HungarianMatcher",
     "ImageBatch",

@@ -1,6 +1,7 @@
 """Training and evaluation: the trainer and the parts it is built from, distributed set-up, COCO
 evaluation, run options."""
 
+from sdetr.engine.averaging import weight_average
 from sdetr.engine.components import TrainingData, build_criterion, build_data, build_training_model
 from sdetr.engine.evaluation import STAT_NAMES, coco_stats, format_stats, to_coco_results
 from sdetr.engine.options import ORIGINAL_RECIPE, TrainConfig
@@ -21,4 +22,5 @@ __all__ = [
     "coco_stats",
     "format_stats",
     "to_coco_results",
+    "weight_average",
 ]

@@ -3,6 +3,7 @@
 from sdetr.model.attention import Attention, AttentionProbe, attention_weights
 from sdetr.model.backbone import Backbone
 from sdetr.model.criterion import CriterionConfig, SetCriterion
+from sdetr.model.denoising import Denoiser, DenoisingBatch
 from sdetr.model.detector import Detector, Stage
 from sdetr.model.images import ImageBatch, normalize_image
 from sdetr.model.matcher import HungarianMatcher
@@ -13,6 +14,8 @@ __all__ = [
     "AttentionProbe",
     "Backbone",
     "CriterionConfig",
+    "Denoiser",
+    "DenoisingBatch",
     "Detector",
     "HungarianMatcher",
     "ImageBatch",
