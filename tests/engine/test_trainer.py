@@ -302,3 +302,30 @@ def test_denoising_queries_are_trained_saved_and_resumed_exactly(tmp_path: Path)
     for entry in ("model", "denoiser"):
         for key, value in saved[entry].items():
             assert torch.equal(value, split[entry][key]), (entry, key)
+
+
+def test_denoising_queries_train_under_two_gloo_processes(tmp_path: Path) -> None:
+    """The denoiser has its own DDP wrapper: two steps on two processes run (a parameter without a
+    reduced gradient would stop the second step) and the checkpoint holds its embeddings."""
+    _two_object_coco(tmp_path / "coco")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}", str(REPO / "train.py"), "--coco_path", str(tmp_path / "coco"),
+        "--scale", "synthetic", "--no-augment", "--epochs", "2", "--lr_drop", "5", "--eval_every", "0",
+        "--device", "cpu", "--batch_size", "2", "--denoising_groups", "2", "--precision", "fp32",
+        "--set", "hidden_dim=32", "--set", "ffn_dim=32", "--set", "num_queries=6",
+        "--output_dir", str(tmp_path / "two"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "two" / "log.txt").read_text().splitlines()]
+    assert len(log) == 2 and all(np.isfinite(entry["train_loss_giou_dn3"]) for entry in log)
+    saved = torch.load(tmp_path / "two" / CHECKPOINT_NAME, weights_only=True)
+    assert set(saved["denoiser"]) == {
+        "label_embed.weight",
+        "box_embed.0.weight",
+        "box_embed.0.bias",
+        "box_embed.2.weight",
+        "box_embed.2.bias",
+    }
