@@ -71,19 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--encoder_loss",
         type=float,
-        help="weight of the dense encoder losses (0: the original criterion; default 3.0 for the quickstart)",
+        help="weight of the dense encoder losses (0: the original criterion; default 6.0 for the quickstart)",
     )
     p.add_argument("--one_to_many", type=int, help="queries matched to each object in the first epochs (1: one-to-one)")
     p.add_argument("--one_to_many_epochs", type=int, help="epochs of --one_to_many matching before one-to-one")
     p.add_argument(
         "--denoising_groups",
         type=int,
-        help="groups of DN-DETR denoising queries in training (0: off, the original recipe)",
+        help="groups of DN-DETR denoising queries in training (0: off, the original recipe; default 20)",
     )
     p.add_argument(
         "--ema_decay",
         type=float,
-        help="evaluate and save an EMA of the weights with this decay (0: off, the original recipe; default 0.998)",
+        help="evaluate and save an EMA of the weights with this decay (0: off, the original recipe; default 0.99)",
     )
     p.add_argument(
         "--precision",
