@@ -133,9 +133,9 @@ def test_one_to_many_matching_only_in_its_first_epochs(tmp_path: Path, monkeypat
     original = trainer.criterion.forward
     seen: list[int | None] = []
 
-    def recording(outputs, targets, one_to_many=None):  # type: ignore[no-untyped-def]
+    def recording(outputs, targets, one_to_many=None, denoising=None):  # type: ignore[no-untyped-def]
         seen.append(one_to_many)
-        return original(outputs, targets, one_to_many=one_to_many)
+        return original(outputs, targets, one_to_many=one_to_many, denoising=denoising)
 
     monkeypatch.setattr(trainer.criterion, "forward", recording)
     trainer.run()
@@ -244,7 +244,9 @@ def test_the_trainer_uses_the_parts_it_is_handed(tmp_path: Path) -> None:
     assert trainer.model is model and trainer.data is data and trainer.criterion is criterion and trainer.ctx is ctx
     assert trainer.notes == ["a note"] and trainer.start_epoch == 0
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert optimised == {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainer.denoiser is not None  # the quickstart's denoising queries: their embeddings train too
+    trained = [p for p in model.parameters() if p.requires_grad] + list(trainer.denoiser.parameters())
+    assert optimised == {id(p) for p in trained}
     before = model.class_embed.weight.detach().clone()
     stats = trainer.train_one_epoch(0)
     assert not torch.equal(before, model.class_embed.weight)  # the handed-in model is the one trained
