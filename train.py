@@ -23,7 +23,7 @@ from typing import Any
 
 from sdetr.checkpoints import CheckpointError, read_checkpoint
 from sdetr.config import ConfigError, ModelConfig
-from sdetr.engine import ORIGINAL_RECIPE, TrainConfig, Trainer, distributed
+from sdetr.engine import BEFORE_THE_OPTION, ORIGINAL_RECIPE, TrainConfig, Trainer, distributed
 from sdetr.errors import USER_ERROR_EXIT, UserError
 from sdetr.typed_fields import parse_assignments
 
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resumed_options(path: str) -> dict[str, Any]:
     """The training options stored in a checkpoint (the defaults of a resumed run); {} for original files.
+    An option the checkpoint predates takes the value its run trained with (``BEFORE_THE_OPTION``).
 
     Raises:
         CheckpointError: an unreadable checkpoint, or stored options that are not valid.
@@ -150,6 +151,7 @@ def resumed_options(path: str) -> dict[str, Any]:
         return {}
     per_run = {"resume", "eval_only", "overwrite", "output_dir"}
     known = {k: v for k, v in saved.items() if k in TRAIN_FIELDS and k not in per_run}
+    known = {**{k: v for k, v in BEFORE_THE_OPTION.items() if k not in saved}, **known}  # as that run trained
     try:
         TrainConfig.from_dict(known)
     except ConfigError as error:

@@ -11,7 +11,7 @@ import sdetr
 import train
 from sdetr.checkpoints import CheckpointError
 from sdetr.config import ConfigError
-from sdetr.engine import TrainConfig
+from sdetr.engine import BEFORE_THE_OPTION, TrainConfig
 from train import config_from_args, parse_overrides
 
 
@@ -191,3 +191,19 @@ def test_every_input_error_type_is_a_user_error(tmp_path: Path, capsys: pytest.C
     assert train.main(["--resume", str(tmp_path)]) == 2  # a CheckpointError: one line, no traceback
     hint = f"pass the checkpoint file in it (e.g. {tmp_path / 'checkpoint.pth'})"
     assert capsys.readouterr().err == f"train.py: error: {tmp_path} is a folder; {hint}\n"
+
+
+def test_resume_of_a_run_saved_before_an_option_existed_keeps_how_it_trained(tmp_path: Path) -> None:
+    """A checkpoint written before EMA, denoising queries or the synthetic set's no-augmentation
+    default resumes as it trained (not with today's defaults, whose extra denoiser parameters
+    would not even fit its optimiser state); explicit flags still win."""
+    stored = {k: v for k, v in TrainConfig(epochs=5).to_dict().items() if k not in BEFORE_THE_OPTION}
+    torch.save({"sdetr_format": 1, "train_config": stored}, tmp_path / "checkpoint.pth")
+    config = config_from_args(["--resume", str(tmp_path / "checkpoint.pth")])
+    assert (config.ema_decay, config.denoising_groups, config.augments(), config.precision) == (0.0, 0, True, "fp32")
+    assert (config.one_to_many, config.one_to_many_epochs, config.schedule, config.epochs) == (1, 0, "step", 5)
+    later = config_from_args(["--resume", str(tmp_path / "checkpoint.pth"), "--denoising_groups", "5"])
+    assert later.denoising_groups == 5
+    current = TrainConfig(epochs=5).to_dict()  # a run that stored them keeps its own values
+    torch.save({"sdetr_format": 1, "train_config": current}, tmp_path / "new.pth")
+    assert config_from_args(["--resume", str(tmp_path / "new.pth")]).denoising_groups == current["denoising_groups"]

@@ -171,3 +171,17 @@ ORIGINAL_RECIPE = {
     "scale": "full",
     "precision": "fp32",
 }
+
+#: Options added after runs were already saved, with the value that reproduces how such a run
+#: trained; ``--resume`` of a checkpoint whose stored options lack one uses this, not the default.
+BEFORE_THE_OPTION = {
+    "schedule": "step",
+    "warmup_steps": 0,
+    "one_to_many": 1,
+    "one_to_many_epochs": 0,
+    "precision": "fp32",
+    "compile": False,
+    "ema_decay": 0.0,
+    "denoising_groups": 0,
+    "augment": True,
+}
