@@ -7,7 +7,7 @@ and the field, instead of a raw ``KeyError``/``TypeError`` or a silently wrong b
   (optionally) an ``annotations`` list;
 - categories: integer ``id`` in ``[0, MAX_CATEGORY_ID)``, unique; ``name`` a string if present;
 - images: integer ``id``, unique; ``file_name`` a non-empty string; ``width`` and ``height``
-  positive integers;
+  positive integers up to ``MAX_SIDE``;
 - annotations: integer ``id``, unique; ``image_id`` and ``category_id`` of existing entries;
   ``bbox`` four finite numbers with non-negative width and height; ``iscrowd`` 0 or 1 and
   ``area`` a finite number >= 0 when present (missing: 0 and the box's area, as COCOeval needs both).
@@ -162,9 +162,13 @@ def _categories(items: list[Any], entries: _Entries) -> dict[int, dict[str, Any]
     return categories
 
 
+#: Largest image side accepted (int32's range; larger values are corrupt, not images).
+MAX_SIDE = 2**31 - 1
+
+
 def _pixels(value: Any) -> int | None:
-    """A positive integer size (``640`` or ``640.0``), else None."""
-    if _is_number(value) and value > 0 and float(value).is_integer():
+    """A positive integer size (``640`` or ``640.0``) up to :data:`MAX_SIDE`, else None."""
+    if _is_number(value) and 0 < value <= MAX_SIDE and float(value).is_integer():
         return int(value)
     return None
 
@@ -194,7 +198,7 @@ def _images(items: list[Any], entries: _Entries) -> dict[int, dict[str, Any]]:
             entries.bad(
                 kind,
                 f"image {image_id} ({name}): field {field!r} is {_shown(img.get(field))}; "
-                "expected a positive integer (pixels)",
+                f"expected a positive integer (pixels, at most {MAX_SIDE})",
             )
             continue
         images[image_id] = {**img, "width": sizes["width"], "height": sizes["height"]}

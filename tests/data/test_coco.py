@@ -198,6 +198,8 @@ CATEGORY = {"id": 1, "name": "a"}
         ({"images": [IMAGE], "categories": [{"id": 10**9}]}, r"field 'id' is 1000000000; expected an integer in"),
         ({"images": [IMAGE], "categories": [CATEGORY, CATEGORY]}, "category id 1 appears more than once"),
         ({"images": [{**IMAGE, "width": 0}], "categories": [CATEGORY]}, r"image 1 \(1.png\): field 'width' is 0"),
+        # found by the fuzz test: 2**64 passed and overflowed int64 in the boxes' checks
+        ({"images": [{**IMAGE, "width": 2.0**64}], "categories": [CATEGORY]}, r"'width' is 1.8\d*e\+19; .*at most"),
         ({"images": [{**IMAGE, "height": "60"}], "categories": [CATEGORY]}, "field 'height' is '60'"),
         ({"images": [{**IMAGE, "file_name": None}], "categories": [CATEGORY]}, "field 'file_name' is None"),
         ({"images": [IMAGE, IMAGE], "categories": [CATEGORY]}, "image id 1 appears more than once"),
