@@ -37,10 +37,9 @@ def ema_update(decay: float) -> Callable[[Tensors, Tensors, Tensor | int], None]
 
     @torch.no_grad()
     def update(averaged: Tensors, current: Tensors, n_averaged: Tensor | int) -> None:
-        weight = 1.0 - ramped_decay(decay, int(n_averaged))
-        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
-        if floats:
-            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)
+        # AveragedModel hands the tensors over grouped by dtype: integer buffers keep their first copy
+        if averaged and averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1.0 - ramped_decay(decay, int(n_averaged)))
 
     return update
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
 
 
 def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
@@ -14,6 +15,14 @@ def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
 def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     """``[..., 4]`` (x0, y0, x1, y1) -> (cx, cy, w, h)."""
     return box_convert(boxes, "xyxy", "cxcywh")
+
+
+def box_losses(predicted: Tensor, wanted: Tensor, count: Tensor | float) -> tuple[Tensor, Tensor]:
+    """DETR's box losses of matched pairs, ``[P, 4]`` cxcywh each: the L1 and the GIoU loss, each
+    summed and divided by ``count`` (the number of objects)."""
+    l1 = F.l1_loss(predicted, wanted, reduction="sum") / count
+    giou = generalized_box_iou_loss(cxcywh_to_xyxy(predicted), cxcywh_to_xyxy(wanted), reduction="sum") / count
+    return l1, giou
 
 
 def pairwise_giou(boxes1: Tensor, boxes2: Tensor) -> Tensor:

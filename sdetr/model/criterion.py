@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou_loss
 
-from sdetr.model.boxes import cxcywh_to_xyxy
+from sdetr.model.boxes import box_losses
 from sdetr.model.denoising import IGNORE, DenoisingBatch
 from sdetr.model.encoder_loss import encoder_losses, global_mean
 from sdetr.model.matcher import HungarianMatcher, Target
@@ -76,11 +75,7 @@ class SetCriterion(nn.Module):
 
         src_boxes = boxes[batch_idx, src_idx]  # [M, 4]
         target_boxes = matched_target_boxes.to(boxes.device)
-        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="sum") / num_boxes
-        loss_giou = (
-            generalized_box_iou_loss(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(target_boxes), reduction="sum")
-            / num_boxes
-        )
+        loss_bbox, loss_giou = box_losses(src_boxes, target_boxes, num_boxes)
         with torch.no_grad():
             if len(matched_labels):
                 correct = (logits[batch_idx, src_idx].argmax(-1) == target_classes[batch_idx, src_idx]).float()
@@ -106,11 +101,11 @@ class SetCriterion(nn.Module):
         count = global_mean(valid.sum().float()).clamp(min=1.0)
         logits, labels = output["pred_logits"][valid], denoising.labels[valid]  # [P, C+1], [P]
         predicted, wanted = output["pred_boxes"][valid], denoising.boxes[valid]  # [P, 4]
+        loss_bbox, loss_giou = box_losses(predicted, wanted, count)
         return {
             "loss_ce": F.cross_entropy(logits, labels, reduction="sum") / count,
-            "loss_bbox": F.l1_loss(predicted, wanted, reduction="sum") / count,
-            "loss_giou": generalized_box_iou_loss(cxcywh_to_xyxy(predicted), cxcywh_to_xyxy(wanted), reduction="sum")
-            / count,
+            "loss_bbox": loss_bbox,
+            "loss_giou": loss_giou,
         }
 
     def loss_weight(self, key: str) -> float | None:

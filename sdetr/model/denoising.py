@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from sdetr.model.matcher import Target
+from sdetr.model.position import sine_waves
 
 #: Label of padded denoising slots (images with fewer objects than the batch's most): no loss.
 IGNORE = -1
@@ -53,11 +54,8 @@ class DenoisingBatch:
 def sine_box_embedding(boxes: Tensor, channels: int, temperature: float = 10000.0) -> Tensor:
     """``boxes [..., 4]`` in [0, 1] -> ``[..., 4 * channels]``: each coordinate scaled by 2*pi and
     embedded as DETR's sine position embedding does a cell's x or y (interleaved sin/cos)."""
-    i = torch.arange(channels, dtype=torch.float32, device=boxes.device)
-    dim_t = temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / channels)  # [channels]
-    angles = boxes.float()[..., None] * (2 * math.pi) / dim_t  # [..., 4, channels]
-    waves = torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1)  # [..., 4, channels/2, 2]
-    return waves.flatten(-3)  # [..., 4 * channels]
+    waves = sine_waves(boxes.float() * (2 * math.pi), channels, temperature)  # [..., 4, channels]
+    return waves.flatten(-2)  # [..., 4 * channels]
 
 
 def denoising_mask(num_queries: int, groups: int, group_size: int, device: torch.device) -> Tensor:

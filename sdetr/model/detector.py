@@ -208,11 +208,11 @@ class Detector(nn.Module):
         logits = self.class_embed(hs)  # [L, B, Q (+ D), C + 1]
         boxes = self.bbox_embed(hs).sigmoid()  # [L, B, Q (+ D), 4]
         queries = self.config.num_queries
-        noisy = [  # the denoising queries' predictions per layer, [B, D, ...] (none without them)
-            {"pred_logits": lg, "pred_boxes": bx}
-            for lg, bx in zip(logits[:, :, queries:], boxes[:, :, queries:], strict=True)
-            if denoising is not None
-        ]
+        if denoising is not None:  # the denoising queries' predictions per layer, [B, D, ...]
+            outputs_dn = [
+                {"pred_logits": lg, "pred_boxes": bx}
+                for lg, bx in zip(logits[:, :, queries:], boxes[:, :, queries:], strict=True)
+            ]
         logits, boxes = logits[:, :, :queries], boxes[:, :, :queries]  # [L, B, Q, ...]
         outputs = {
             "pred_logits": logits[-1],
@@ -224,5 +224,5 @@ class Detector(nn.Module):
         if encoder_outputs:
             outputs["encoder_outputs"] = dense
         if denoising is not None:
-            outputs["denoising"] = noisy
+            outputs["denoising"] = outputs_dn
         return outputs

@@ -21,9 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss
 
-from sdetr.model.boxes import cxcywh_to_xyxy
+from sdetr.model.boxes import box_losses, cxcywh_to_xyxy
 from sdetr.model.images import valid_extent
 from sdetr.model.matcher import Target
 
@@ -106,6 +105,5 @@ def encoder_losses(
     positive = (labels >= 0) & (labels < num_classes)  # [B, h, w]
     count = global_mean(positive.sum().float()).clamp(min=1.0)
     predicted, wanted = output["pred_boxes"][positive], boxes[positive]  # [P, 4]
-    loss_bbox = F.l1_loss(predicted, wanted, reduction="sum") / count
-    loss_giou = generalized_box_iou_loss(cxcywh_to_xyxy(predicted), cxcywh_to_xyxy(wanted), reduction="sum") / count
+    loss_bbox, loss_giou = box_losses(predicted, wanted, count)
     return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}

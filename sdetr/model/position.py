@@ -8,6 +8,15 @@ import torch
 from torch import Tensor, nn
 
 
+def sine_waves(values: Tensor, channels: int, temperature: float = 10000.0) -> Tensor:
+    """DETR's sine encoding of scalars: ``values [...]`` -> ``[..., channels]``, each value divided by
+    ``temperature ** (2 * (i // 2) / channels)``, sin on even and cos on odd channels."""
+    i = torch.arange(channels, dtype=torch.float32, device=values.device)
+    dim_t = temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / channels)  # [channels]
+    angles = values[..., None] / dim_t  # [..., channels]
+    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
 class SinePositionEmbedding(nn.Module):
     """DETR's sine embedding, normalised to the unpadded region of each image.
 
@@ -30,13 +39,8 @@ class SinePositionEmbedding(nn.Module):
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
         x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
-        i = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
-        dim_t = self.temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / self.num_pos_feats)
-        pos_x = x_embed[..., None] / dim_t  # [B, H, W, F]
-        pos_y = y_embed[..., None] / dim_t
-        # interleave: even channels sin, odd channels cos  -> [B, H, W, F]
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        pos_x = sine_waves(x_embed, self.num_pos_feats, self.temperature)  # [B, H, W, F]
+        pos_y = sine_waves(y_embed, self.num_pos_feats, self.temperature)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # [B, 2F, H, W]
 
 
