@@ -2,11 +2,14 @@
 
 ``original``: the test suite's independent re-statement of the original forward
 (``tests/reference_impl.py``: sequence-first ``nn.MultiheadAttention`` with its default
-``need_weights=True``, frozen batch norm as separate ops). ``sdetr``: the shipped model as
-``load_model`` returns it (the default path). ``sdetr fast``: the same model after
-``model.set_fast(True)`` (frozen batch norm folded into the convolutions, channels-last
-backbone). For each case the three are timed round-robin, round by round, so machine noise
-hits all alike; the medians and their ratios to ``original`` are printed:
+``need_weights=True``, frozen batch norm as separate ops). The project's model, as
+``load_model`` returns it, at each backbone speed (``sdetr.BACKBONE_SPEEDS``): ``exact``
+(torchvision's modules everywhere), ``sdetr`` (the default: torchvision's modules in inference,
+frozen batch norm folded into the convolutions in training steps), ``fast`` (folded everywhere,
+CPU float32 inference in oneDNN's blocked layout with prepacked weights, channels-last
+training) and ``fast bf16`` (bf16 autocast, which takes the channels-last path). For each case
+the variants are timed round-robin, round by round, so machine noise hits all alike; the
+medians and their ratios to ``original`` are printed:
 
 - eval forward (``torch.no_grad``), and
 - train step: forward + DETR criterion (``SetCriterion``, Hungarian matching) + backward,
@@ -109,13 +112,13 @@ def variants(reference: nn.Module, compiled: bool) -> dict[str, tuple[nn.Module,
     state = reference.state_dict()
     out: dict[str, tuple[nn.Module, torch.dtype | None]] = {
         "original": (reference, None),
+        "exact": (load_model(state, speed="exact"), None),
         "sdetr": (load_model(state), None),
-        "fold": (load_model(state).set_fast(True, channels_last=False), None),
-        "fast": (load_model(state, fast=True), None),
-        "fast bf16": (load_model(state, fast=True), torch.bfloat16),
+        "fast": (load_model(state, speed="fast"), None),
+        "fast bf16": (load_model(state, speed="fast"), torch.bfloat16),
     }
     if compiled:
-        out["fast compiled"] = (load_model(state, fast=True, compile=True), None)
+        out["fast compiled"] = (load_model(state, speed="fast", compile=True), None)
     return out
 
 

@@ -57,6 +57,8 @@ from sdetr.instrument import (
     weights_sha256,
 )
 from sdetr.model import (
+    BACKBONE_SPEEDS,
+    BackboneSpeed,
     CriterionConfig,
     Denoiser,
     DenoisingBatch,
@@ -116,6 +118,8 @@ __all__ = [
     # files
     "atomic_path",
     # models and checkpoints
+    "BACKBONE_SPEEDS",
+    "BackboneSpeed",
     "CheckpointError",
     "ConfigError",
     "CriterionConfig",

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from sdetr.atomic_files import atomic_path
 from sdetr.config import BACKBONE_CHANNELS, ConfigError, ModelConfig, StageConfig, get_config
 from sdetr.errors import UserError
+from sdetr.model.backbone import BackboneSpeed
 from sdetr.model.detector import Detector
 
 #: Marker key of this project's checkpoint files.
@@ -266,7 +267,7 @@ def load_model(
     preset: str | None = None,
     config: ModelConfig | None = None,
     device: str | torch.device = "cpu",
-    fast: bool = False,
+    speed: str | BackboneSpeed = "default",
     compile: bool = False,
 ) -> Detector:
     """A ready model in eval mode from a checkpoint file or an already loaded dict.
@@ -275,9 +276,9 @@ def load_model(
     files (a dict with ``model`` and maybe ``args``, or a bare state dict). The architecture
     is inferred from the keys and ``args``; ``preset`` or ``config`` override it (heads cannot
     be seen in shapes: use ``preset="sdetr-multihead"`` for that ablation's files).
-    ``fast=True`` is :meth:`Detector.set_fast` (folded batch norm, channels-last backbone);
-    ``compile=True`` is :meth:`Detector.compile_parts` with ``dynamic=True`` (both opt-in; outputs
-    move by float32 rounding only; see the README's "Speed").
+    ``speed`` is :meth:`Detector.set_speed` (``"default"``, ``"fast"`` or ``"exact"``);
+    ``compile=True`` (opt-in) is :meth:`Detector.compile_parts` with ``dynamic=True``. Both move
+    outputs by float32 rounding only; see the README's "Speed".
 
     Raises:
         CheckpointError: unreadable file, not a checkpoint of these models, or keys that do
@@ -314,7 +315,7 @@ def load_model(
         )
     model.load_state_dict(state, strict=False)
     model.checkpoint_path = None if isinstance(source, Mapping) else str(Path(source).resolve())
-    model = model.to(device).eval().set_fast(fast)
+    model = model.to(device).eval().set_speed(speed)
     return model.compile_parts(dynamic=True) if compile else model
 
 

@@ -1,7 +1,7 @@
 """Model components: backbone, positions, attention, transformer, detector, losses."""
 
 from sdetr.model.attention import Attention, AttentionProbe, attention_weights
-from sdetr.model.backbone import Backbone
+from sdetr.model.backbone import BACKBONE_SPEEDS, Backbone, BackboneSpeed
 from sdetr.model.criterion import CriterionConfig, SetCriterion
 from sdetr.model.denoising import Denoiser, DenoisingBatch
 from sdetr.model.detector import Detector, Stage
@@ -10,9 +10,11 @@ from sdetr.model.matcher import HungarianMatcher
 from sdetr.model.postprocess import postprocess
 
 __all__ = [
+    "BACKBONE_SPEEDS",
     "Attention",
     "AttentionProbe",
     "Backbone",
+    "BackboneSpeed",
     "CriterionConfig",
     "Denoiser",
     "DenoisingBatch",

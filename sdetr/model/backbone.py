@@ -1,14 +1,25 @@
 """Frozen-BatchNorm ResNet backbone returning C4 (stride 16) and C5 (stride 32) with masks.
 
-Fast mode (``Backbone.set_fast(True)``, or ``Detector.set_fast``; off by default): the frozen
-batch norms are folded into their convolutions (:mod:`sdetr.model.resnet_blocks`) and the
-backbone runs in channels-last memory format. Both only reorder float arithmetic: outputs
-change by float32 rounding (measured in ``benchmarks/speed.py``), not in meaning. The default
-path is torchvision's, bit for bit.
+How it computes is a :class:`BackboneSpeed`, picked by name (``Backbone.set_speed``,
+``Detector.set_speed``, ``load_model(speed=...)``):
+
+- ``"default"``: inference is torchvision's modules, bit for bit; while autograd records
+  (training steps) the frozen batch norms are folded into their convolutions, the folded
+  weights recomputed every step (:mod:`sdetr.model.resnet_blocks`);
+- ``"fast"``: folded everywhere; CPU float32 inference in oneDNN's blocked layout with the
+  folded weights prepacked (:mod:`sdetr.model.blocked_resnet`), channels-last otherwise;
+- ``"exact"``: torchvision's modules bit for bit in training too.
+
+All compute the same function and differ by float32 rounding only: the folding's (about 1e-5
+at the detector's outputs on the parity tests' padded batch, depending on the thread count),
+channels-last's (about 2e-5). The parity tests against the original code hold the default's
+inference to 1e-5. GroupNorm backbones (``sdetr-tiny``) have nothing to fold and always run
+torchvision's modules.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -18,10 +29,42 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from sdetr.config import ModelConfig
-from sdetr.model.resnet_blocks import FoldedBasicBlock, FoldedBottleneck, build_resnet, conv_norm
+from sdetr.model.blocked_resnet import PackedWeights, blocked_applicable, blocked_features
+from sdetr.model.resnet_blocks import FoldedBasicBlock, FoldedBottleneck, build_resnet, conv_norm, folds
 
 #: Levels a backbone can return, with the torchvision layer that produces each.
 LEVEL_LAYERS = {"c4": "layer3", "c5": "layer4"}
+
+
+@dataclass(frozen=True)
+class BackboneSpeed:
+    """How the backbone computes its (mathematically fixed) function; see the module doc."""
+
+    fold_grad: bool = True  # fold frozen batch norms while autograd records (training steps)
+    fold_no_grad: bool = False  # ... and in no-grad inference
+    blocked_inference: bool = False  # no-grad CPU float32 inference in oneDNN's blocked layout (folded)
+    channels_last: bool = False  # NHWC convolutions on the dense path
+
+
+#: Named speeds: ``default``, ``fast`` and ``exact`` (torchvision's modules, bit for bit).
+BACKBONE_SPEEDS: dict[str, BackboneSpeed] = {
+    "default": BackboneSpeed(),
+    "fast": BackboneSpeed(fold_no_grad=True, blocked_inference=True, channels_last=True),
+    "exact": BackboneSpeed(fold_grad=False),
+}
+
+
+def backbone_speed(speed: str | BackboneSpeed) -> BackboneSpeed:
+    """A :class:`BackboneSpeed` or the one named ``speed``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the names).
+    """
+    if isinstance(speed, BackboneSpeed):
+        return speed
+    if speed not in BACKBONE_SPEEDS:
+        raise ValueError(f"speed={speed!r}; use one of {', '.join(BACKBONE_SPEEDS)} or a BackboneSpeed")
+    return BACKBONE_SPEEDS[speed]
 
 
 def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
@@ -46,8 +89,6 @@ class Backbone(nn.Module):
         elif config.dilation:
             raise ValueError(f"dilation is only supported for resnet50/101, not {config.backbone}")
         body = build_resnet(config.backbone, **kwargs)
-        self.fold = False  # frozen batch norms folded into their convolutions
-        self.channels_last = False  # NHWC convolutions
         del body.fc, body.avgpool  # classification head: unused, no parameters kept
         self.body = body
         self.levels = levels
@@ -58,18 +99,17 @@ class Backbone(nn.Module):
             for name, parameter in self.body.named_parameters():
                 if not name.startswith(("layer2", "layer3", "layer4")):
                     parameter.requires_grad_(False)
+        self.packed_weights = PackedWeights()  # the blocked path's cache; not in the state dict
+        self.set_speed("default")
 
-    def set_fast(self, enabled: bool = True, channels_last: bool | None = None) -> None:
-        """Fold frozen batch norms into the convolutions and run channels-last (or switch back).
-
-        ``channels_last`` (default: ``enabled``) picks the memory format separately: folding alone
-        moves outputs less (see :mod:`sdetr.model.resnet_blocks`).
-        """
-        self.fold = enabled
-        self.channels_last = enabled if channels_last is None else channels_last
+    def set_speed(self, speed: str | BackboneSpeed) -> None:
+        """Compute the same features another way: ``"default"``, ``"fast"``, ``"exact"`` or a
+        :class:`BackboneSpeed` (see the module doc)."""
+        self.speed = backbone_speed(speed)
+        self.packed_weights.clear()
         for module in self.body.modules():
             if isinstance(module, FoldedBasicBlock | FoldedBottleneck):
-                module.fold = enabled
+                module.fold_grad, module.fold_no_grad = self.speed.fold_grad, self.speed.fold_no_grad
 
     def load_imagenet_weights(self, path: str | Path) -> None:
         """Load torchvision-format ImageNet weights from a local file (never downloads)."""
@@ -95,10 +135,19 @@ class Backbone(nn.Module):
         images: ``[B, 3, H, W]`` normalised images.
         mask: ``[B, H, W]`` True on padded pixels.
         """
-        body = self.body
-        x = images.contiguous(memory_format=torch.channels_last) if self.channels_last else images  # NHWC
-        x = body.maxpool(F.relu(conv_norm(body.conv1, body.bn1, x, self.fold)))
-        out: dict[str, tuple[Tensor, Tensor]] = {}
+        body, speed = self.body, self.speed
+        if speed.blocked_inference and blocked_applicable(body, images):
+            layers = {level: LEVEL_LAYERS[level] for level in self.levels}
+            last = max(layers.values())  # "layer3" < "layer4"
+            features = blocked_features(body, self.packed_weights, images, until=last)  # [B, C, h, w] each
+            out: dict[str, tuple[Tensor, Tensor]] = {}
+            for level, name in layers.items():
+                grid = features[name]
+                out[level] = (grid, resize_mask(mask, (grid.shape[-2], grid.shape[-1])))
+            return out
+        x = images.contiguous(memory_format=torch.channels_last) if speed.channels_last else images  # NHWC
+        x = body.maxpool(F.relu(conv_norm(body.conv1, body.bn1, x, folds(speed))))
+        out = {}
         for level_name, layer_name in (("c2", "layer1"), ("c3", "layer2"), *LEVEL_LAYERS.items()):
             x = getattr(body, layer_name)(x)  # [B, C, H/stride, W/stride]
             if level_name in self.levels:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from sdetr.config import ModelConfig, StageConfig
 from sdetr.model.attention import Attention
-from sdetr.model.backbone import Backbone
+from sdetr.model.backbone import Backbone, BackboneSpeed
 from sdetr.model.denoising import DenoisingBatch
 from sdetr.model.images import ImageBatch
 from sdetr.model.position import build_position_embedding
@@ -126,11 +126,13 @@ class Detector(nn.Module):
     def stages(self) -> list[Stage]:
         return [getattr(self, f"stage{index}") for index in range(1, self.num_stages + 1)]
 
-    def set_fast(self, enabled: bool = True, channels_last: bool | None = None) -> Detector:
-        """Fast CPU/GPU inference and training: frozen batch norms folded into the backbone's
-        convolutions and a channels-last backbone (see :mod:`sdetr.model.backbone`); outputs move
-        only by float32 rounding. Off by default. ``channels_last=False`` folds only. Returns the model."""
-        self.backbone.set_fast(enabled, channels_last)
+    def set_speed(self, speed: str | BackboneSpeed) -> Detector:
+        """How the backbone computes: ``"default"`` (torchvision's modules in inference, frozen
+        batch norms folded in training steps), ``"fast"`` (folded everywhere; oneDNN's blocked
+        layout for CPU float32 inference, channels-last otherwise) or ``"exact"`` (torchvision's
+        modules everywhere); see :mod:`sdetr.model.backbone`. Outputs move only by float32
+        rounding. Returns the model."""
+        self.backbone.set_speed(speed)
         return self
 
     def compile_parts(self, **options: object) -> Detector:

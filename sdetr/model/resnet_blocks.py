@@ -1,7 +1,8 @@
 """torchvision ResNets whose frozen batch norms can be folded into the preceding convolutions.
 
-Folding is off by default (``fold = False`` on every block): then each block runs exactly as
-torchvision's. ``Backbone.set_fast(True)`` switches it on.
+Each block folds according to two switches (set by ``Backbone.set_speed``): ``fold_grad`` while
+autograd records (training steps, gradient attributions) and ``fold_no_grad`` in no-grad
+inference. With the switch that applies off, the block runs exactly as torchvision's.
 
 A frozen batch norm is an affine map per channel, ``y = x * s + t`` with
 ``s = weight / sqrt(running_var + eps)`` and ``t = bias - running_mean * s``, so
@@ -17,8 +18,9 @@ GroupNorm (and any other norm) is applied as usual.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
@@ -36,12 +38,30 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool) -> Tensor
     """
     if not fold or not isinstance(norm, FrozenBatchNorm2d):
         return norm(conv(x))
+    weight, bias = folded_weights(conv, norm)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def folded_weights(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
+    """The weight ``[C_out, C_in / groups, k, k]`` and bias ``[C_out]`` of ``norm(conv(.))`` as one convolution."""
     scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # [C_out]
     weight = conv.weight * scale[:, None, None, None]  # [C_out, C_in / groups, k, k]
     bias = norm.bias - norm.running_mean * scale  # [C_out]
     if conv.bias is not None:
         bias = bias + conv.bias * scale
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return weight, bias
+
+
+class Folding(Protocol):
+    @property
+    def fold_grad(self) -> bool: ...
+    @property
+    def fold_no_grad(self) -> bool: ...
+
+
+def folds(switches: Folding) -> bool:
+    """Whether to fold now: ``fold_grad`` while autograd records, else ``fold_no_grad``."""
+    return switches.fold_grad if torch.is_grad_enabled() else switches.fold_no_grad
 
 
 def _shortcut(block: BasicBlock | Bottleneck, x: Tensor, fold: bool) -> Tensor:
@@ -52,12 +72,13 @@ def _shortcut(block: BasicBlock | Bottleneck, x: Tensor, fold: bool) -> Tensor:
 
 
 class FoldedBasicBlock(BasicBlock):
-    """torchvision's ``BasicBlock`` (ResNet-18/34); folds frozen norms when ``fold`` is set."""
+    """torchvision's ``BasicBlock`` (ResNet-18/34); folds frozen norms as :func:`folds` says."""
 
-    fold: bool = False
+    fold_grad: bool = False
+    fold_no_grad: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.fold:
+        if not folds(self):
             return super().forward(x)
         out = F.relu(conv_norm(self.conv1, self.bn1, x, True))
         out = conv_norm(self.conv2, self.bn2, out, True)
@@ -65,12 +86,13 @@ class FoldedBasicBlock(BasicBlock):
 
 
 class FoldedBottleneck(Bottleneck):
-    """torchvision's ``Bottleneck`` (ResNet-50/101); folds frozen norms when ``fold`` is set."""
+    """torchvision's ``Bottleneck`` (ResNet-50/101); folds frozen norms as :func:`folds` says."""
 
-    fold: bool = False
+    fold_grad: bool = False
+    fold_no_grad: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.fold:
+        if not folds(self):
             return super().forward(x)
         out = F.relu(conv_norm(self.conv1, self.bn1, x, True))
         out = F.relu(conv_norm(self.conv2, self.bn2, out, True))

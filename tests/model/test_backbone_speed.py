@@ -1,0 +1,195 @@
+"""Backbone speeds: folded batch norm, blocked-layout inference, channels-last, and torchvision's path."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from sdetr import BACKBONE_SPEEDS, BackboneSpeed, build_model, load_model
+from sdetr.model.resnet_blocks import conv_norm
+
+
+def _frozen_bn_model(preset: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(preset, backbone_norm="frozen_bn", dropout=0.0).eval()
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():  # non-trivial statistics, so folding has something to fold
+        if isinstance(module, FrozenBatchNorm2d):
+            size = module.running_var.shape
+            module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.running_mean.copy_(torch.randn(size, generator=generator) * 0.2)
+            module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.bias.copy_(torch.randn(size, generator=generator) * 0.1)
+    return model
+
+
+def test_conv_norm_folding_by_hand() -> None:
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1, bias=True)
+    norm = FrozenBatchNorm2d(3)
+    norm.weight.copy_(torch.tensor([2.0, 0.5, 1.0]))
+    norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    norm.running_mean.copy_(torch.tensor([1.0, 0.0, -1.0]))
+    norm.running_var.copy_(torch.tensor([4.0, 1.0, 0.25]))
+    x = torch.randn(2, 2, 5, 5)
+    expected = norm(conv(x))  # (conv - mean) / sqrt(var + eps) * weight + bias
+    torch.testing.assert_close(conv_norm(conv, norm, x, fold=True), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(conv_norm(conv, norm, x, fold=False), expected)
+
+
+SPEEDS = ["default", "fast", BackboneSpeed(fold_no_grad=True)]
+
+
+@pytest.mark.parametrize("speed", SPEEDS, ids=["default", "fast", "folded-dense"])
+@pytest.mark.parametrize("preset", ["sdetr-tiny", "detr"])
+def test_every_speed_equals_torchvision_on_a_padded_batch(
+    preset: str, speed: str | BackboneSpeed, padded_batch
+) -> None:  # type: ignore[no-untyped-def]
+    images, mask = padded_batch
+    model = _frozen_bn_model(preset)
+    with torch.no_grad():
+        model.set_speed("exact")
+        exact = model(images, mask)
+        model.set_speed(speed)
+        computed = model(images, mask)
+        model.set_speed("exact")
+        again = model(images, mask)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(computed[key], exact[key], atol=1e-5, rtol=0)
+        assert torch.equal(again[key], exact[key])  # "exact" is torchvision's path, whatever ran before
+        if speed == "default":  # folds only while autograd records: inference is torchvision's
+            assert torch.equal(computed[key], exact[key])
+
+
+def _features(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {level: features for level, (features, _) in model.backbone(images, mask).items()}
+
+
+@pytest.mark.parametrize("preset", ["sdetr-tiny", "detr"])
+def test_blocked_inference_is_the_folded_path_bit_for_bit(preset: str, padded_batch) -> None:  # type: ignore[no-untyped-def]
+    """At 2 threads (at 1, oneDNN picks other 1x1-convolution kernels for plain tensors)."""
+    torch.set_num_threads(2)  # the autouse fixture restores the test thread count
+    images, mask = padded_batch
+    model = _frozen_bn_model(preset).set_speed("fast")
+    with torch.no_grad():
+        blocked = _features(model, images, mask)
+        assert model.backbone.packed_weights.packed is not None  # the blocked path ran
+        model.set_speed(BackboneSpeed(fold_no_grad=True))
+        dense = _features(model, images, mask)
+    assert blocked.keys() == dense.keys() == set(model.backbone.levels)
+    for level in blocked:
+        assert blocked[level].layout == torch.strided and blocked[level].is_contiguous()
+        assert torch.equal(blocked[level], dense[level])
+
+
+def test_blocked_weights_follow_every_change_of_the_weights(padded_batch) -> None:  # type: ignore[no-untyped-def]
+    torch.set_num_threads(2)
+    images, mask = padded_batch
+    model = _frozen_bn_model("sdetr-tiny").set_speed("fast")
+    with torch.no_grad():
+        before = _features(model, images, mask)["c5"]
+        first = model.backbone.packed_weights.packed
+        _features(model, images, mask)
+        assert model.backbone.packed_weights.packed is first  # unchanged weights: packed once
+        state = model.state_dict()
+        state["backbone.body.layer4.1.bn2.weight"] = state["backbone.body.layer4.1.bn2.weight"] * 1.5
+        model.load_state_dict(state)  # copies in place: only the version counters change
+        after = _features(model, images, mask)["c5"]
+        model.set_speed(BackboneSpeed(fold_no_grad=True))
+        dense = _features(model, images, mask)["c5"]
+    assert not torch.equal(after, before)
+    assert torch.equal(after, dense)
+
+
+def test_blocked_path_steps_aside_where_it_would_differ(padded_batch) -> None:  # type: ignore[no-untyped-def]
+    """Autograd on, autocast, hooks inside the ResNet, GroupNorm: the dense path runs."""
+    images, mask = padded_batch
+    model = _frozen_bn_model("sdetr-tiny").set_speed("fast")
+    packed = model.backbone.packed_weights
+    assert model.backbone(images, mask)["c5"][0].requires_grad and packed.packed is None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.backbone(images, mask)["c5"][0].dtype == torch.bfloat16 and packed.packed is None
+    seen: list[tuple[int, ...]] = []
+    handle = model.backbone.body.layer2.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    try:
+        with torch.no_grad():
+            model.backbone(images, mask)
+    finally:
+        handle.remove()
+    assert seen == [(2, 128, 16, 20)] and packed.packed is None  # the hook saw an ordinary tensor
+    group_norm = build_model("sdetr-tiny").eval().set_speed("fast")
+    with torch.no_grad():
+        group_norm.backbone(images, mask)
+    assert group_norm.backbone.packed_weights.packed is None
+
+
+def test_copies_and_pickles_start_without_packed_weights(padded_batch) -> None:  # type: ignore[no-untyped-def]
+    images, mask = padded_batch
+    model = _frozen_bn_model("sdetr-tiny").set_speed("fast")
+    with torch.no_grad():
+        expected = model(images, mask)["pred_boxes"]
+    assert model.backbone.packed_weights.packed is not None
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert other.backbone.packed_weights.packed is None
+        with torch.no_grad():
+            assert torch.equal(other(images, mask)["pred_boxes"], expected)
+    assert not any("packed" in key for key in model.state_dict())
+
+
+def test_unknown_speed_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="default, fast, exact"):
+        build_model("sdetr-tiny").set_speed("fastest")
+
+
+def test_folded_training_gives_torchvisions_gradients(padded_batch) -> None:  # type: ignore[no-untyped-def]
+    images, mask = padded_batch
+    model = _frozen_bn_model("sdetr-tiny").train()
+    weight = model.backbone.body.layer3[0].conv1.weight
+
+    def grad() -> torch.Tensor:
+        model.zero_grad()
+        model(images, mask)["pred_boxes"].sum().backward()
+        assert weight.grad is not None
+        return weight.grad.clone()
+
+    model.set_speed("exact")
+    exact = grad()
+    assert exact.abs().max() > 0
+    for speed in ("default", "fast"):
+        model.set_speed(speed)
+        torch.testing.assert_close(grad(), exact, atol=1e-5 * float(exact.abs().max()), rtol=1e-4)
+
+
+def test_load_model_sets_the_speed_and_compiles_only_when_asked() -> None:
+    state = _frozen_bn_model("sdetr-tiny").state_dict()
+    config = build_model("sdetr-tiny", backbone_norm="frozen_bn", dropout=0.0).config
+    plain = load_model(state, config=config)
+    assert plain.backbone.speed == BACKBONE_SPEEDS["default"] and not plain.backbone.speed.fold_no_grad
+    assert load_model(state, config=config, speed="fast").backbone.speed.blocked_inference
+    assert not load_model(state, config=config, speed="exact").backbone.speed.fold_grad
+    assert plain.backbone._compiled_call_impl is None  # nn.Module.compile() sets it
+    compiled = load_model(state, config=config, compile=True)  # compiling itself happens at the first call
+    parts = [compiled.backbone, *compiled.stages]
+    assert all(part._compiled_call_impl is not None for part in parts)
+    assert compiled.class_embed._compiled_call_impl is None  # the heads and input checks stay eager
+    assert set(compiled.state_dict()) == set(state)  # in-place compiling keeps the checkpoint's names
+
+
+def test_compiled_parts_trace_whole_and_compute_the_same(padded_batch) -> None:  # type: ignore[no-untyped-def]
+    """Dynamo captures the backbone and every stage in one graph each (``fullgraph``: a graph break
+    would raise), and the captured graphs give the eager outputs. The ``eager`` backend runs the
+    captured graph without inductor's code generation, which keeps this test to seconds."""
+    images, mask = padded_batch
+    model = _frozen_bn_model("sdetr-tiny")
+    try:
+        with torch.no_grad():
+            eager = model(images, mask)
+            model.compile_parts(backend="eager", fullgraph=True, dynamic=True)
+            compiled = model(images, mask)
+    finally:
+        torch._dynamo.reset()  # no captured graphs or guards left for the other tests
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(compiled[key], eager[key], atol=1e-6, rtol=0)
