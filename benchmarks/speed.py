@@ -6,8 +6,7 @@
 ``load_model`` returns it, at each backbone speed (``sdetr.BACKBONE_SPEEDS``): ``exact``
 (torchvision's modules everywhere), ``sdetr`` (the default: torchvision's modules in inference,
 frozen batch norm folded into the convolutions in training steps), ``fast`` (folded everywhere,
-CPU float32 inference in oneDNN's blocked layout with prepacked weights, channels-last
-training) and ``fast bf16`` (bf16 autocast, which takes the channels-last path). For each case
+channels-last) and ``fast bf16`` (fast under bf16 autocast). For each case
 the variants are timed round-robin, round by round, so machine noise hits all alike; the
 medians and their ratios to ``original`` are printed:
 

@@ -6,8 +6,7 @@ How it computes is a :class:`BackboneSpeed`, picked by name (``Backbone.set_spee
 - ``"default"``: inference is torchvision's modules, bit for bit; while autograd records
   (training steps) the frozen batch norms are folded into their convolutions, the folded
   weights recomputed every step (:mod:`sdetr.model.resnet_blocks`);
-- ``"fast"``: folded everywhere; CPU float32 inference in oneDNN's blocked layout with the
-  folded weights prepacked (:mod:`sdetr.model.blocked_resnet`), channels-last otherwise;
+- ``"fast"``: folded everywhere, and channels-last convolutions;
 - ``"exact"``: torchvision's modules bit for bit in training too.
 
 All compute the same function and differ by float32 rounding only: the folding's (about 1e-5
@@ -29,7 +28,6 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from sdetr.config import ModelConfig
-from sdetr.model.blocked_resnet import PackedWeights, blocked_applicable, blocked_features
 from sdetr.model.resnet_blocks import FoldedBasicBlock, FoldedBottleneck, build_resnet, conv_norm, folds
 
 #: Levels a backbone can return, with the torchvision layer that produces each.
@@ -42,14 +40,13 @@ class BackboneSpeed:
 
     fold_grad: bool = True  # fold frozen batch norms while autograd records (training steps)
     fold_no_grad: bool = False  # ... and in no-grad inference
-    blocked_inference: bool = False  # no-grad CPU float32 inference in oneDNN's blocked layout (folded)
-    channels_last: bool = False  # NHWC convolutions on the dense path
+    channels_last: bool = False  # NHWC convolutions
 
 
 #: Named speeds: ``default``, ``fast`` and ``exact`` (torchvision's modules, bit for bit).
 BACKBONE_SPEEDS: dict[str, BackboneSpeed] = {
     "default": BackboneSpeed(),
-    "fast": BackboneSpeed(fold_no_grad=True, blocked_inference=True, channels_last=True),
+    "fast": BackboneSpeed(fold_no_grad=True, channels_last=True),
     "exact": BackboneSpeed(fold_grad=False),
 }
 
@@ -99,14 +96,12 @@ class Backbone(nn.Module):
             for name, parameter in self.body.named_parameters():
                 if not name.startswith(("layer2", "layer3", "layer4")):
                     parameter.requires_grad_(False)
-        self.packed_weights = PackedWeights()  # the blocked path's cache; not in the state dict
         self.set_speed("default")
 
     def set_speed(self, speed: str | BackboneSpeed) -> None:
         """Compute the same features another way: ``"default"``, ``"fast"``, ``"exact"`` or a
         :class:`BackboneSpeed` (see the module doc)."""
         self.speed = backbone_speed(speed)
-        self.packed_weights.clear()
         for module in self.body.modules():
             if isinstance(module, FoldedBasicBlock | FoldedBottleneck):
                 module.fold_grad, module.fold_no_grad = self.speed.fold_grad, self.speed.fold_no_grad
@@ -136,18 +131,9 @@ class Backbone(nn.Module):
         mask: ``[B, H, W]`` True on padded pixels.
         """
         body, speed = self.body, self.speed
-        if speed.blocked_inference and blocked_applicable(body, images):
-            layers = {level: LEVEL_LAYERS[level] for level in self.levels}
-            last = max(layers.values())  # "layer3" < "layer4"
-            features = blocked_features(body, self.packed_weights, images, until=last)  # [B, C, h, w] each
-            out: dict[str, tuple[Tensor, Tensor]] = {}
-            for level, name in layers.items():
-                grid = features[name]
-                out[level] = (grid, resize_mask(mask, (grid.shape[-2], grid.shape[-1])))
-            return out
         x = images.contiguous(memory_format=torch.channels_last) if speed.channels_last else images  # NHWC
         x = body.maxpool(F.relu(conv_norm(body.conv1, body.bn1, x, folds(speed))))
-        out = {}
+        out: dict[str, tuple[Tensor, Tensor]] = {}
         for level_name, layer_name in (("c2", "layer1"), ("c3", "layer2"), *LEVEL_LAYERS.items()):
             x = getattr(body, layer_name)(x)  # [B, C, H/stride, W/stride]
             if level_name in self.levels:

@@ -128,10 +128,9 @@ class Detector(nn.Module):
 
     def set_speed(self, speed: str | BackboneSpeed) -> Detector:
         """How the backbone computes: ``"default"`` (torchvision's modules in inference, frozen
-        batch norms folded in training steps), ``"fast"`` (folded everywhere; oneDNN's blocked
-        layout for CPU float32 inference, channels-last otherwise) or ``"exact"`` (torchvision's
-        modules everywhere); see :mod:`sdetr.model.backbone`. Outputs move only by float32
-        rounding. Returns the model."""
+        batch norms folded in training steps), ``"fast"`` (folded everywhere, channels-last) or
+        ``"exact"`` (torchvision's modules everywhere); see :mod:`sdetr.model.backbone`. Outputs
+        move only by float32 rounding. Returns the model."""
         self.backbone.set_speed(speed)
         return self
 

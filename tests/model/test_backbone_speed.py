@@ -1,9 +1,6 @@
-"""Backbone speeds: folded batch norm, blocked-layout inference, channels-last, and torchvision's path."""
+"""Backbone speeds: folded batch norm, channels-last, and torchvision's path."""
 
 from __future__ import annotations
-
-import copy
-import pickle
 
 import pytest
 import torch
@@ -64,81 +61,6 @@ def test_every_speed_equals_torchvision_on_a_padded_batch(
             assert torch.equal(computed[key], exact[key])
 
 
-def _features(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {level: features for level, (features, _) in model.backbone(images, mask).items()}
-
-
-@pytest.mark.parametrize("preset", ["sdetr-tiny", "detr"])
-def test_blocked_inference_is_the_folded_path_bit_for_bit(preset: str, padded_batch) -> None:  # type: ignore[no-untyped-def]
-    """At 2 threads (at 1, oneDNN picks other 1x1-convolution kernels for plain tensors)."""
-    torch.set_num_threads(2)  # the autouse fixture restores the test thread count
-    images, mask = padded_batch
-    model = _frozen_bn_model(preset).set_speed("fast")
-    with torch.no_grad():
-        blocked = _features(model, images, mask)
-        assert model.backbone.packed_weights.packed is not None  # the blocked path ran
-        model.set_speed(BackboneSpeed(fold_no_grad=True))
-        dense = _features(model, images, mask)
-    assert blocked.keys() == dense.keys() == set(model.backbone.levels)
-    for level in blocked:
-        assert blocked[level].layout == torch.strided and blocked[level].is_contiguous()
-        assert torch.equal(blocked[level], dense[level])
-
-
-def test_blocked_weights_follow_every_change_of_the_weights(padded_batch) -> None:  # type: ignore[no-untyped-def]
-    torch.set_num_threads(2)
-    images, mask = padded_batch
-    model = _frozen_bn_model("sdetr-tiny").set_speed("fast")
-    with torch.no_grad():
-        before = _features(model, images, mask)["c5"]
-        first = model.backbone.packed_weights.packed
-        _features(model, images, mask)
-        assert model.backbone.packed_weights.packed is first  # unchanged weights: packed once
-        state = model.state_dict()
-        state["backbone.body.layer4.1.bn2.weight"] = state["backbone.body.layer4.1.bn2.weight"] * 1.5
-        model.load_state_dict(state)  # copies in place: only the version counters change
-        after = _features(model, images, mask)["c5"]
-        model.set_speed(BackboneSpeed(fold_no_grad=True))
-        dense = _features(model, images, mask)["c5"]
-    assert not torch.equal(after, before)
-    assert torch.equal(after, dense)
-
-
-def test_blocked_path_steps_aside_where_it_would_differ(padded_batch) -> None:  # type: ignore[no-untyped-def]
-    """Autograd on, autocast, hooks inside the ResNet, GroupNorm: the dense path runs."""
-    images, mask = padded_batch
-    model = _frozen_bn_model("sdetr-tiny").set_speed("fast")
-    packed = model.backbone.packed_weights
-    assert model.backbone(images, mask)["c5"][0].requires_grad and packed.packed is None
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model.backbone(images, mask)["c5"][0].dtype == torch.bfloat16 and packed.packed is None
-    seen: list[tuple[int, ...]] = []
-    handle = model.backbone.body.layer2.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
-    try:
-        with torch.no_grad():
-            model.backbone(images, mask)
-    finally:
-        handle.remove()
-    assert seen == [(2, 128, 16, 20)] and packed.packed is None  # the hook saw an ordinary tensor
-    group_norm = build_model("sdetr-tiny").eval().set_speed("fast")
-    with torch.no_grad():
-        group_norm.backbone(images, mask)
-    assert group_norm.backbone.packed_weights.packed is None
-
-
-def test_copies_and_pickles_start_without_packed_weights(padded_batch) -> None:  # type: ignore[no-untyped-def]
-    images, mask = padded_batch
-    model = _frozen_bn_model("sdetr-tiny").set_speed("fast")
-    with torch.no_grad():
-        expected = model(images, mask)["pred_boxes"]
-    assert model.backbone.packed_weights.packed is not None
-    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert other.backbone.packed_weights.packed is None
-        with torch.no_grad():
-            assert torch.equal(other(images, mask)["pred_boxes"], expected)
-    assert not any("packed" in key for key in model.state_dict())
-
-
 def test_unknown_speed_names_the_choices() -> None:
     with pytest.raises(ValueError, match="default, fast, exact"):
         build_model("sdetr-tiny").set_speed("fastest")
@@ -168,7 +90,7 @@ def test_load_model_sets_the_speed_and_compiles_only_when_asked() -> None:
     config = build_model("sdetr-tiny", backbone_norm="frozen_bn", dropout=0.0).config
     plain = load_model(state, config=config)
     assert plain.backbone.speed == BACKBONE_SPEEDS["default"] and not plain.backbone.speed.fold_no_grad
-    assert load_model(state, config=config, speed="fast").backbone.speed.blocked_inference
+    assert load_model(state, config=config, speed="fast").backbone.speed.channels_last
     assert not load_model(state, config=config, speed="exact").backbone.speed.fold_grad
     assert plain.backbone._compiled_call_impl is None  # nn.Module.compile() sets it
     compiled = load_model(state, config=config, compile=True)  # compiling itself happens at the first call
