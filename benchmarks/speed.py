@@ -14,8 +14,9 @@ medians and their ratios to ``original`` are printed:
 - train step: forward + DETR criterion (``SetCriterion``, Hungarian matching) + backward,
 
 for ``sdetr`` and ``detr`` at 512x512 batch 2 and at 800x1333 batch 1 (``--cases``), then the
-quickstart's training steps per second (``sdetr-tiny``, batch 4 at 192x256, default vs fast).
-The largest output difference between the three is printed too (float32 rounding only).
+quickstart's training steps per second (``sdetr-tiny``, batch 4 at 192x256: float32 vs bf16
+autocast, each with foreach vs fused AdamW). The largest output difference of each variant to
+``original`` is printed too.
 
 Usage: ``python benchmarks/speed.py [--rounds 5] [--cases sdetr:512x512x2 detr:800x1333x1]``.
 Writes JSON to ``outputs/benchmarks/speed.json``.

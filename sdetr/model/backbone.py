@@ -3,9 +3,10 @@
 How it computes is a :class:`BackboneSpeed`, picked by name (``Backbone.set_speed``,
 ``Detector.set_speed``, ``load_model(speed=...)``):
 
-- ``"default"``: inference is torchvision's modules, bit for bit; while autograd records
-  (training steps) the frozen batch norms are folded into their convolutions, the folded
-  weights recomputed every step (:mod:`sdetr.model.resnet_blocks`);
+- ``"default"``: inference is torchvision's modules, bit for bit; in training steps (training
+  mode with autograd recording) the frozen batch norms are folded into their convolutions, the
+  folded weights recomputed every step (:mod:`sdetr.model.resnet_blocks`). Every other forward
+  (eval mode or autograd off, e.g. gradient attributions) is torchvision's;
 - ``"fast"``: folded everywhere, and channels-last convolutions;
 - ``"exact"``: torchvision's modules bit for bit in training too.
 
@@ -36,18 +37,25 @@ LEVEL_LAYERS = {"c4": "layer3", "c5": "layer4"}
 
 @dataclass(frozen=True)
 class BackboneSpeed:
-    """How the backbone computes its (mathematically fixed) function; see the module doc."""
+    """How the backbone computes its (mathematically fixed) function; see the module doc.
 
-    fold_grad: bool = True  # fold frozen batch norms while autograd records (training steps)
-    fold_no_grad: bool = False  # ... and in no-grad inference
-    channels_last: bool = False  # NHWC convolutions
+    Attributes:
+        fold_training: fold frozen batch norms into their convolutions in training steps (the
+            backbone in training mode with autograd recording).
+        fold_inference: fold them in every other forward too (eval mode or autograd off).
+        channels_last: run the convolutions in NHWC memory format.
+    """
+
+    fold_training: bool = True
+    fold_inference: bool = False
+    channels_last: bool = False
 
 
 #: Named speeds: ``default``, ``fast`` and ``exact`` (torchvision's modules, bit for bit).
 BACKBONE_SPEEDS: dict[str, BackboneSpeed] = {
     "default": BackboneSpeed(),
-    "fast": BackboneSpeed(fold_no_grad=True, channels_last=True),
-    "exact": BackboneSpeed(fold_grad=False),
+    "fast": BackboneSpeed(fold_inference=True, channels_last=True),
+    "exact": BackboneSpeed(fold_training=False),
 }
 
 
@@ -104,7 +112,9 @@ class Backbone(nn.Module):
         self.speed = backbone_speed(speed)
         for module in self.body.modules():
             if isinstance(module, FoldedBasicBlock | FoldedBottleneck):
-                module.fold_grad, module.fold_no_grad = self.speed.fold_grad, self.speed.fold_no_grad
+                frozen = isinstance(module.bn1, FrozenBatchNorm2d)  # other norms: torchvision's forward
+                module.fold_training = frozen and self.speed.fold_training
+                module.fold_inference = frozen and self.speed.fold_inference
 
     def load_imagenet_weights(self, path: str | Path) -> None:
         """Load torchvision-format ImageNet weights from a local file (never downloads)."""
@@ -132,7 +142,7 @@ class Backbone(nn.Module):
         """
         body, speed = self.body, self.speed
         x = images.contiguous(memory_format=torch.channels_last) if speed.channels_last else images  # NHWC
-        x = body.maxpool(F.relu(conv_norm(body.conv1, body.bn1, x, folds(speed))))
+        x = body.maxpool(F.relu(conv_norm(body.conv1, body.bn1, x, folds(self.training, speed))))
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for level_name, layer_name in (("c2", "layer1"), ("c3", "layer2"), *LEVEL_LAYERS.items()):
             x = getattr(body, layer_name)(x)  # [B, C, H/stride, W/stride]

@@ -1,8 +1,9 @@
 """torchvision ResNets whose frozen batch norms can be folded into the preceding convolutions.
 
-Each block folds according to two switches (set by ``Backbone.set_speed``): ``fold_grad`` while
-autograd records (training steps, gradient attributions) and ``fold_no_grad`` in no-grad
-inference. With the switch that applies off, the block runs exactly as torchvision's.
+Each block folds according to two switches (set by ``Backbone.set_speed``): ``fold_training`` in
+training steps (the block in training mode with autograd recording) and ``fold_inference`` in
+every other forward (eval mode or autograd off: inference, gradient attributions). With the
+switch that applies off, the block runs exactly as torchvision's.
 
 A frozen batch norm is an affine map per channel, ``y = x * s + t`` with
 ``s = weight / sqrt(running_var + eps)`` and ``t = bias - running_mean * s``, so
@@ -53,15 +54,18 @@ def folded_weights(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> tuple[Tensor, Te
 
 
 class Folding(Protocol):
+    """The two folding switches (a block's attributes, or a ``BackboneSpeed``)."""
+
     @property
-    def fold_grad(self) -> bool: ...
+    def fold_training(self) -> bool: ...
     @property
-    def fold_no_grad(self) -> bool: ...
+    def fold_inference(self) -> bool: ...
 
 
-def folds(switches: Folding) -> bool:
-    """Whether to fold now: ``fold_grad`` while autograd records, else ``fold_no_grad``."""
-    return switches.fold_grad if torch.is_grad_enabled() else switches.fold_no_grad
+def folds(training: bool, switches: Folding) -> bool:
+    """Whether a module in ``training`` mode folds now: ``fold_training`` in a training step
+    (training mode with autograd recording), else ``fold_inference``."""
+    return switches.fold_training if training and torch.is_grad_enabled() else switches.fold_inference
 
 
 def _shortcut(block: BasicBlock | Bottleneck, x: Tensor, fold: bool) -> Tensor:
@@ -74,11 +78,11 @@ def _shortcut(block: BasicBlock | Bottleneck, x: Tensor, fold: bool) -> Tensor:
 class FoldedBasicBlock(BasicBlock):
     """torchvision's ``BasicBlock`` (ResNet-18/34); folds frozen norms as :func:`folds` says."""
 
-    fold_grad: bool = False
-    fold_no_grad: bool = False
+    fold_training: bool = False
+    fold_inference: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if not folds(self):
+        if not folds(self.training, self):
             return super().forward(x)
         out = F.relu(conv_norm(self.conv1, self.bn1, x, True))
         out = conv_norm(self.conv2, self.bn2, out, True)
@@ -88,11 +92,11 @@ class FoldedBasicBlock(BasicBlock):
 class FoldedBottleneck(Bottleneck):
     """torchvision's ``Bottleneck`` (ResNet-50/101); folds frozen norms as :func:`folds` says."""
 
-    fold_grad: bool = False
-    fold_no_grad: bool = False
+    fold_training: bool = False
+    fold_inference: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if not folds(self):
+        if not folds(self.training, self):
             return super().forward(x)
         out = F.relu(conv_norm(self.conv1, self.bn1, x, True))
         out = F.relu(conv_norm(self.conv2, self.bn2, out, True))
