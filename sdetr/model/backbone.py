@@ -5,16 +5,18 @@ How it computes is a :class:`BackboneSpeed`, picked by name (``Backbone.set_spee
 
 - ``"default"``: inference is torchvision's modules, bit for bit; in training steps (training
   mode with autograd recording) the frozen batch norms are folded into their convolutions, the
-  folded weights recomputed every step (:mod:`sdetr.model.resnet_blocks`). Every other forward
-  (eval mode or autograd off, e.g. gradient attributions) is torchvision's;
-- ``"fast"``: folded everywhere, and channels-last convolutions;
+  folded weights recomputed every step (:mod:`sdetr.model.resnet_blocks`), and the convolutions
+  run channels-last. Every other forward (eval mode or autograd off, e.g. gradient
+  attributions) is torchvision's;
+- ``"fast"``: folded and channels-last everywhere;
 - ``"exact"``: torchvision's modules bit for bit in training too.
 
 All compute the same function and differ by float32 rounding only: the folding's (about 1e-5
 at the detector's outputs on the parity tests' padded batch, depending on the thread count),
 channels-last's (about 2e-5). The parity tests against the original code hold the default's
 inference to 1e-5. GroupNorm backbones (``sdetr-tiny``) have nothing to fold and always run
-torchvision's modules.
+torchvision's modules in NCHW (channels-last measured 0.75x the quickstart's steps per second
+there).
 """
 
 from __future__ import annotations
@@ -43,19 +45,22 @@ class BackboneSpeed:
         fold_training: fold frozen batch norms into their convolutions in training steps (the
             backbone in training mode with autograd recording).
         fold_inference: fold them in every other forward too (eval mode or autograd off).
-        channels_last: run the convolutions in NHWC memory format.
+        channels_last_training: run the convolutions in NHWC memory format in training steps.
+        channels_last_inference: ... and in every other forward.
+    All four apply to frozen-BatchNorm backbones only.
     """
 
     fold_training: bool = True
     fold_inference: bool = False
-    channels_last: bool = False
+    channels_last_training: bool = True
+    channels_last_inference: bool = False
 
 
 #: Named speeds: ``default``, ``fast`` and ``exact`` (torchvision's modules, bit for bit).
 BACKBONE_SPEEDS: dict[str, BackboneSpeed] = {
     "default": BackboneSpeed(),
-    "fast": BackboneSpeed(fold_inference=True, channels_last=True),
-    "exact": BackboneSpeed(fold_training=False),
+    "fast": BackboneSpeed(fold_inference=True, channels_last_inference=True),
+    "exact": BackboneSpeed(fold_training=False, channels_last_training=False),
 }
 
 
@@ -116,6 +121,13 @@ class Backbone(nn.Module):
                 module.fold_training = frozen and self.speed.fold_training
                 module.fold_inference = frozen and self.speed.fold_inference
 
+    def _channels_last(self) -> bool:
+        """Whether this forward runs NHWC (see :class:`BackboneSpeed`)."""
+        if not isinstance(self.body.bn1, FrozenBatchNorm2d):
+            return False
+        step = self.training and torch.is_grad_enabled()  # a training step
+        return self.speed.channels_last_training if step else self.speed.channels_last_inference
+
     def load_imagenet_weights(self, path: str | Path) -> None:
         """Load torchvision-format ImageNet weights from a local file (never downloads)."""
         path = Path(path)
@@ -141,7 +153,7 @@ class Backbone(nn.Module):
         mask: ``[B, H, W]`` True on padded pixels.
         """
         body, speed = self.body, self.speed
-        x = images.contiguous(memory_format=torch.channels_last) if speed.channels_last else images  # NHWC
+        x = images.contiguous(memory_format=torch.channels_last) if self._channels_last() else images  # NHWC
         x = body.maxpool(F.relu(conv_norm(body.conv1, body.bn1, x, folds(self.training, speed))))
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for level_name, layer_name in (("c2", "layer1"), ("c3", "layer2"), *LEVEL_LAYERS.items()):

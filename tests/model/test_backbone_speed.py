@@ -56,6 +56,23 @@ def _norms_run(model: torch.nn.Module, run: Callable[[], object]) -> tuple[bool,
     return called["stem"], called["block"]
 
 
+def _runs_channels_last(model: torch.nn.Module, run: Callable[[], object]) -> bool:
+    """Whether layer1 received an NHWC (channels-last) tensor during ``run()``."""
+    seen: list[bool] = []
+
+    def check(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0]
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+    handle = model.backbone.body.layer1.register_forward_pre_hook(check)
+    try:
+        run()
+    finally:
+        handle.remove()
+    assert seen
+    return all(seen)
+
+
 SPEEDS = ["default", "fast", BackboneSpeed(fold_inference=True)]
 
 
@@ -76,6 +93,8 @@ def test_every_speed_equals_torchvision_on_a_padded_batch(
         again = model(images, mask)
     folded = speed != "default"  # the default folds in training steps only
     assert norms_run == (not folded, not folded)
+    with torch.no_grad():
+        assert _runs_channels_last(model.set_speed(speed), lambda: model(images, mask)) == (speed == "fast")
     for key in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(computed[key], exact[key], atol=1e-5, rtol=0)
         assert torch.equal(again[key], exact[key])  # "exact" is torchvision's path, whatever ran before
@@ -104,24 +123,27 @@ def test_folded_training_steps_give_torchvisions_gradients(preset: str, padded_b
         return weight.grad.clone()
 
     model.set_speed("exact")
-    assert _norms_run(model, grad) == (True, True)
+    assert _norms_run(model, grad) == (True, True) and not _runs_channels_last(model, grad)
     exact = grad()
     assert exact.abs().max() > 0
     for speed in ("default", "fast"):
         model.set_speed(speed)
         assert _norms_run(model, grad) == (False, False)  # folded in the training step
+        assert _runs_channels_last(model, grad)
         torch.testing.assert_close(grad(), exact, atol=1e-5 * float(exact.abs().max()), rtol=1e-4)
     model.set_speed("default").eval()  # eval mode with autograd on (attributions): torchvision's
-    assert _norms_run(model, grad) == (True, True)
+    assert _norms_run(model, grad) == (True, True) and not _runs_channels_last(model, grad)
 
 
-def test_group_norm_backbones_always_run_torchvisions_blocks() -> None:
-    model = build_model("sdetr-tiny").train()  # GroupNorm: nothing to fold
+def test_group_norm_backbones_always_run_torchvisions_blocks(padded_batch) -> None:  # type: ignore[no-untyped-def]
+    images, mask = padded_batch
+    model = build_model("sdetr-tiny").train()  # GroupNorm: nothing to fold, and NHWC is slower
     body = model.backbone.body
     blocks = [block for layer in (body.layer1, body.layer2, body.layer3, body.layer4) for block in layer]
     for speed in BACKBONE_SPEEDS:
         model.set_speed(speed)
         assert not any(block.fold_training or block.fold_inference for block in blocks)
+        assert not _runs_channels_last(model, lambda: model.backbone(images, mask))
 
 
 def test_load_model_sets_the_speed_and_compiles_only_when_asked() -> None:
@@ -129,7 +151,7 @@ def test_load_model_sets_the_speed_and_compiles_only_when_asked() -> None:
     config = build_model("sdetr-tiny", backbone_norm="frozen_bn", dropout=0.0).config
     plain = load_model(state, config=config)
     assert plain.backbone.speed == BACKBONE_SPEEDS["default"] and not plain.backbone.speed.fold_inference
-    assert load_model(state, config=config, speed="fast").backbone.speed.channels_last
+    assert load_model(state, config=config, speed="fast").backbone.speed.channels_last_inference
     assert not load_model(state, config=config, speed="exact").backbone.speed.fold_training
     assert plain.backbone._compiled_call_impl is None  # nn.Module.compile() sets it
     compiled = load_model(state, config=config, compile=True)  # compiling itself happens at the first call
