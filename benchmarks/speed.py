@@ -5,8 +5,8 @@
 ``need_weights=True``, frozen batch norm as separate ops). The project's model, as
 ``load_model`` returns it, at each backbone speed (``sdetr.BACKBONE_SPEEDS``): ``exact``
 (torchvision's modules everywhere), ``sdetr`` (the default: torchvision's modules in inference,
-frozen batch norm folded into the convolutions in training steps), ``fast`` (folded everywhere,
-channels-last) and ``fast bf16`` (fast under bf16 autocast). For each case
+frozen batch norm folded into the convolutions and channels-last in training steps), ``fast``
+(folded and channels-last everywhere) and ``fast bf16`` (fast under bf16 autocast). For each case
 the variants are timed round-robin, round by round, so machine noise hits all alike; the
 medians and their ratios to ``original`` are printed:
 

@@ -31,7 +31,14 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from sdetr.config import ModelConfig
-from sdetr.model.resnet_blocks import FoldedBasicBlock, FoldedBottleneck, build_resnet, conv_norm, folds
+from sdetr.model.resnet_blocks import (
+    FoldedBasicBlock,
+    FoldedBottleneck,
+    build_resnet,
+    conv_norm,
+    folds,
+    is_training_step,
+)
 
 #: Levels a backbone can return, with the torchvision layer that produces each.
 LEVEL_LAYERS = {"c4": "layer3", "c5": "layer4"}
@@ -125,8 +132,8 @@ class Backbone(nn.Module):
         """Whether this forward runs NHWC (see :class:`BackboneSpeed`)."""
         if not isinstance(self.body.bn1, FrozenBatchNorm2d):
             return False
-        step = self.training and torch.is_grad_enabled()  # a training step
-        return self.speed.channels_last_training if step else self.speed.channels_last_inference
+        speed = self.speed
+        return speed.channels_last_training if is_training_step(self) else speed.channels_last_inference
 
     def load_imagenet_weights(self, path: str | Path) -> None:
         """Load torchvision-format ImageNet weights from a local file (never downloads)."""
@@ -154,7 +161,7 @@ class Backbone(nn.Module):
         """
         body, speed = self.body, self.speed
         x = images.contiguous(memory_format=torch.channels_last) if self._channels_last() else images  # NHWC
-        x = body.maxpool(F.relu(conv_norm(body.conv1, body.bn1, x, folds(self.training, speed))))
+        x = body.maxpool(F.relu(conv_norm(body.conv1, body.bn1, x, folds(self, speed))))
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for level_name, layer_name in (("c2", "layer1"), ("c3", "layer2"), *LEVEL_LAYERS.items()):
             x = getattr(body, layer_name)(x)  # [B, C, H/stride, W/stride]

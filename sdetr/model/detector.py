@@ -127,10 +127,10 @@ class Detector(nn.Module):
         return [getattr(self, f"stage{index}") for index in range(1, self.num_stages + 1)]
 
     def set_speed(self, speed: str | BackboneSpeed) -> Detector:
-        """How the backbone computes: ``"default"`` (torchvision's modules in inference, frozen
-        batch norms folded in training steps), ``"fast"`` (folded everywhere, channels-last) or
-        ``"exact"`` (torchvision's modules everywhere); see :mod:`sdetr.model.backbone`. Outputs
-        move only by float32 rounding. Returns the model."""
+        """How the backbone computes: ``"default"`` (torchvision's modules in inference; frozen
+        batch norms folded and channels-last convolutions in training steps), ``"fast"`` (folded
+        and channels-last everywhere) or ``"exact"`` (torchvision's modules everywhere); see
+        :mod:`sdetr.model.backbone`. Outputs move only by float32 rounding. Returns the model."""
         self.backbone.set_speed(speed)
         return self
 
@@ -206,15 +206,10 @@ class Detector(nn.Module):
                     }
                 )
         hs = torch.cat(decoded)  # [total decoder layers, B, Q (+ D), E]
-        logits = self.class_embed(hs)  # [L, B, Q (+ D), C + 1]
-        boxes = self.bbox_embed(hs).sigmoid()  # [L, B, Q (+ D), 4]
+        all_logits = self.class_embed(hs)  # [L, B, Q (+ D), C + 1]
+        all_boxes = self.bbox_embed(hs).sigmoid()  # [L, B, Q (+ D), 4]
         queries = self.config.num_queries
-        if denoising is not None:  # the denoising queries' predictions per layer, [B, D, ...]
-            outputs_dn = [
-                {"pred_logits": lg, "pred_boxes": bx}
-                for lg, bx in zip(logits[:, :, queries:], boxes[:, :, queries:], strict=True)
-            ]
-        logits, boxes = logits[:, :, :queries], boxes[:, :, :queries]  # [L, B, Q, ...]
+        logits, boxes = all_logits[:, :, :queries], all_boxes[:, :, :queries]  # [L, B, Q, ...]
         outputs = {
             "pred_logits": logits[-1],
             "pred_boxes": boxes[-1],
@@ -224,6 +219,9 @@ class Detector(nn.Module):
         }
         if encoder_outputs:
             outputs["encoder_outputs"] = dense
-        if denoising is not None:
-            outputs["denoising"] = outputs_dn
+        if denoising is not None:  # the denoising queries' predictions per layer, [B, D, ...]
+            outputs["denoising"] = [
+                {"pred_logits": lg, "pred_boxes": bx}
+                for lg, bx in zip(all_logits[:, :, queries:], all_boxes[:, :, queries:], strict=True)
+            ]
         return outputs

@@ -39,18 +39,12 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool) -> Tensor
     """
     if not fold or not isinstance(norm, FrozenBatchNorm2d):
         return norm(conv(x))
-    weight, bias = folded_weights(conv, norm)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-def folded_weights(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
-    """The weight ``[C_out, C_in / groups, k, k]`` and bias ``[C_out]`` of ``norm(conv(.))`` as one convolution."""
     scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # [C_out]
     weight = conv.weight * scale[:, None, None, None]  # [C_out, C_in / groups, k, k]
     bias = norm.bias - norm.running_mean * scale  # [C_out]
     if conv.bias is not None:
         bias = bias + conv.bias * scale
-    return weight, bias
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class Folding(Protocol):
@@ -62,10 +56,14 @@ class Folding(Protocol):
     def fold_inference(self) -> bool: ...
 
 
-def folds(training: bool, switches: Folding) -> bool:
-    """Whether a module in ``training`` mode folds now: ``fold_training`` in a training step
-    (training mode with autograd recording), else ``fold_inference``."""
-    return switches.fold_training if training and torch.is_grad_enabled() else switches.fold_inference
+def is_training_step(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is part of a training step: training mode, autograd recording."""
+    return module.training and torch.is_grad_enabled()
+
+
+def folds(module: nn.Module, switches: Folding) -> bool:
+    """Whether ``module`` folds now: ``fold_training`` in a training step, else ``fold_inference``."""
+    return switches.fold_training if is_training_step(module) else switches.fold_inference
 
 
 def _shortcut(block: BasicBlock | Bottleneck, x: Tensor, fold: bool) -> Tensor:
@@ -82,7 +80,7 @@ class FoldedBasicBlock(BasicBlock):
     fold_inference: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if not folds(self.training, self):
+        if not folds(self, self):
             return super().forward(x)
         out = F.relu(conv_norm(self.conv1, self.bn1, x, True))
         out = conv_norm(self.conv2, self.bn2, out, True)
@@ -96,7 +94,7 @@ class FoldedBottleneck(Bottleneck):
     fold_inference: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if not folds(self.training, self):
+        if not folds(self, self):
             return super().forward(x)
         out = F.relu(conv_norm(self.conv1, self.bn1, x, True))
         out = F.relu(conv_norm(self.conv2, self.bn2, out, True))
