@@ -2,7 +2,8 @@
 
 ``original``: the test suite's independent re-statement of the original forward
 (``tests/reference_impl.py``: sequence-first ``nn.MultiheadAttention`` with its default
-``need_weights=True``, frozen batch norm as separate ops). The project's model, as
+``need_weights=True``, frozen batch norm as separate ops), with the stem and layer1 frozen as the
+original training script froze them (the project's models freeze the same). The project's model, as
 ``load_model`` returns it, at each backbone speed (``sdetr.BACKBONE_SPEEDS``): ``exact``
 (torchvision's modules everywhere), ``sdetr`` (the default: torchvision's modules in inference,
 frozen batch norm folded into the convolutions and channels-last in training steps), ``fast``
@@ -124,7 +125,11 @@ def variants(reference: nn.Module, compiled: bool) -> dict[str, tuple[nn.Module,
 
 def compare_case(preset: str, height: int, width: int, batch: int, rounds: int, compiled: bool) -> dict[str, Any]:
     reference = REFERENCE.randomize_(REFERENCE.RefSDETR() if preset == "sdetr" else REFERENCE.RefDETR(), seed=1)
+    REFERENCE.freeze_like_original_(reference)  # stem and layer1 frozen, as the original trained them
     models = variants(reference, compiled)
+    trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, (m, _) in models.items()}
+    if len(set(trainable.values())) != 1:
+        raise SystemExit(f"benchmarks/speed.py: the variants train different parameters: {trainable}")
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, height, width, generator=generator)
     mask = torch.zeros(batch, height, width, dtype=torch.bool)

@@ -26,7 +26,7 @@ def sine_position(mask: Tensor, num_pos_feats: int = 128) -> Tensor:
     x = not_mask.cumsum(2, dtype=torch.float32)
     y = y / (y[:, -1:, :] + 1e-6) * 2 * math.pi
     x = x / (x[:, :, -1:] + 1e-6) * 2 * math.pi
-    dim_t = torch.tensor([10000 ** (2 * (i // 2) / num_pos_feats) for i in range(num_pos_feats)])
+    dim_t = torch.tensor([10000 ** (2 * (i // 2) / num_pos_feats) for i in range(num_pos_feats)], device=mask.device)
     px = x[:, :, :, None] / dim_t
     py = y[:, :, :, None] / dim_t
     out_x = torch.empty_like(px)
@@ -192,6 +192,15 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
             else:
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
     return model.eval()
+
+
+def freeze_like_original_(model: nn.Module) -> nn.Module:
+    """The original training script's freezing: backbone parameters outside layer2-4 (the stem
+    and layer1) get no gradient, so a timed train step does the original's backward."""
+    for name, parameter in model.named_parameters():
+        if name.startswith("backbone") and not any(f"layer{i}" in name for i in (2, 3, 4)):
+            parameter.requires_grad_(False)
+    return model
 
 
 def original_checkpoint(model: nn.Module, **args: object) -> dict:
