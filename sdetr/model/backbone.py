@@ -161,7 +161,7 @@ class Backbone(nn.Module):
         """
         body, speed = self.body, self.speed
         x = images.contiguous(memory_format=torch.channels_last) if self._channels_last() else images  # NHWC
-        x = body.maxpool(F.relu(conv_norm(body.conv1, body.bn1, x, folds(self, speed))))
+        x = body.maxpool(conv_norm(body.conv1, body.bn1, x, folds(self, speed)).relu_())  # in place, as torchvision
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for level_name, layer_name in (("c2", "layer1"), ("c3", "layer2"), *LEVEL_LAYERS.items()):
             x = getattr(body, layer_name)(x)  # [B, C, H/stride, W/stride]

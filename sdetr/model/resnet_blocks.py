@@ -82,9 +82,9 @@ class FoldedBasicBlock(BasicBlock):
     def forward(self, x: Tensor) -> Tensor:
         if not folds(self, self):
             return super().forward(x)
-        out = F.relu(conv_norm(self.conv1, self.bn1, x, True))
+        out = conv_norm(self.conv1, self.bn1, x, True).relu_()  # in place on fresh outputs, as torchvision
         out = conv_norm(self.conv2, self.bn2, out, True)
-        return F.relu(out + _shortcut(self, x, True))
+        return out.add_(_shortcut(self, x, True)).relu_()
 
 
 class FoldedBottleneck(Bottleneck):
@@ -96,10 +96,10 @@ class FoldedBottleneck(Bottleneck):
     def forward(self, x: Tensor) -> Tensor:
         if not folds(self, self):
             return super().forward(x)
-        out = F.relu(conv_norm(self.conv1, self.bn1, x, True))
-        out = F.relu(conv_norm(self.conv2, self.bn2, out, True))
+        out = conv_norm(self.conv1, self.bn1, x, True).relu_()  # in place on fresh outputs, as torchvision
+        out = conv_norm(self.conv2, self.bn2, out, True).relu_()
         out = conv_norm(self.conv3, self.bn3, out, True)
-        return F.relu(out + _shortcut(self, x, True))
+        return out.add_(_shortcut(self, x, True)).relu_()
 
 
 #: Block type and blocks per stage of each supported depth (as torchvision's factories).
