@@ -3,13 +3,16 @@
 How it computes is a :class:`BackboneSpeed`, picked by name (``Backbone.set_speed``,
 ``Detector.set_speed``, ``load_model(speed=...)``):
 
-- ``"default"``: inference is torchvision's modules, bit for bit; in training steps (training
-  mode with autograd recording) the frozen batch norms are folded into their convolutions, the
-  folded weights recomputed every step (:mod:`sdetr.model.resnet_blocks`), and the convolutions
-  run channels-last. Every other forward (eval mode or autograd off, e.g. gradient
-  attributions) is torchvision's;
+- ``"default"``: inference is torchvision's result, bit for bit: with autograd off the frozen
+  batch norms, ReLUs and residual adds run in place on the convolutions' fresh outputs (the
+  same operations in the same order, fewer allocations; torchvision's own forward wherever a
+  forward hook sits on a block's modules). In training steps (training mode with autograd
+  recording) the frozen batch norms are folded into their convolutions, the folded weights
+  recomputed every step (:mod:`sdetr.model.resnet_blocks`), and the convolutions run
+  channels-last. Eval-mode forwards with autograd on (gradient attributions) are
+  torchvision's forward;
 - ``"fast"``: folded and channels-last everywhere;
-- ``"exact"``: torchvision's modules bit for bit in training too.
+- ``"exact"``: torchvision's modules and forward everywhere.
 
 All compute the same function and differ by float32 rounding only: the folding's (about 1e-5
 at the detector's outputs on the parity tests' padded batch, depending on the thread count),
@@ -38,6 +41,7 @@ from sdetr.model.resnet_blocks import (
     conv_norm,
     folds,
     is_training_step,
+    runs_in_place,
 )
 
 #: Levels a backbone can return, with the torchvision layer that produces each.
@@ -54,20 +58,26 @@ class BackboneSpeed:
         fold_inference: fold them in every other forward too (eval mode or autograd off).
         channels_last_training: run the convolutions in NHWC memory format in training steps.
         channels_last_inference: ... and in every other forward.
-    All four apply to frozen-BatchNorm backbones only.
+        in_place_inference: in an unfolded forward with autograd off (inference), apply the
+            frozen batch norms, ReLUs and residual adds in place on the convolutions' fresh
+            outputs: the same operations in the same order, so bit for bit torchvision's
+            result, with fewer allocations. Off wherever a forward hook sits on the block's
+            modules (a hook could hold an output that the next operation would overwrite).
+    All apply to frozen-BatchNorm backbones only.
     """
 
     fold_training: bool = True
     fold_inference: bool = False
     channels_last_training: bool = True
     channels_last_inference: bool = False
+    in_place_inference: bool = True
 
 
 #: Named speeds: ``default``, ``fast`` and ``exact`` (torchvision's modules, bit for bit).
 BACKBONE_SPEEDS: dict[str, BackboneSpeed] = {
     "default": BackboneSpeed(),
     "fast": BackboneSpeed(fold_inference=True, channels_last_inference=True),
-    "exact": BackboneSpeed(fold_training=False, channels_last_training=False),
+    "exact": BackboneSpeed(fold_training=False, channels_last_training=False, in_place_inference=False),
 }
 
 
@@ -127,6 +137,7 @@ class Backbone(nn.Module):
                 frozen = isinstance(module.bn1, FrozenBatchNorm2d)  # other norms: torchvision's forward
                 module.fold_training = frozen and self.speed.fold_training
                 module.fold_inference = frozen and self.speed.fold_inference
+                module.in_place_inference = frozen and self.speed.in_place_inference
 
     def _channels_last(self) -> bool:
         """Whether this forward runs NHWC (see :class:`BackboneSpeed`)."""
@@ -161,7 +172,9 @@ class Backbone(nn.Module):
         """
         body, speed = self.body, self.speed
         x = images.contiguous(memory_format=torch.channels_last) if self._channels_last() else images  # NHWC
-        x = body.maxpool(conv_norm(body.conv1, body.bn1, x, folds(self, speed)).relu_())  # in place, as torchvision
+        fold = folds(self, speed)
+        in_place = speed.in_place_inference and runs_in_place((body.conv1, body.bn1))
+        x = body.maxpool(conv_norm(body.conv1, body.bn1, x, fold, in_place).relu_())  # ReLU in place, as torchvision
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for level_name, layer_name in (("c2", "layer1"), ("c3", "layer2"), *LEVEL_LAYERS.items()):
             x = getattr(body, layer_name)(x)  # [B, C, H/stride, W/stride]

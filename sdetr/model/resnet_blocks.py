@@ -3,7 +3,11 @@
 Each block folds according to two switches (set by ``Backbone.set_speed``): ``fold_training`` in
 training steps (the block in training mode with autograd recording) and ``fold_inference`` in
 every other forward (eval mode or autograd off: inference, gradient attributions). With the
-switch that applies off, the block runs exactly as torchvision's.
+switch that applies off, the block runs exactly as torchvision's: in inference (autograd off,
+``in_place_inference``, no forward hooks on its modules) with the frozen batch norms, ReLUs and
+residual add applied in place on the convolutions' fresh outputs, the same operations in the
+same order (bit for bit torchvision's result, fewer allocations); otherwise torchvision's own
+forward.
 
 A frozen batch norm is an affine map per channel, ``y = x * s + t`` with
 ``s = weight / sqrt(running_var + eps)`` and ``t = bias - running_mean * s``, so
@@ -19,26 +23,44 @@ GroupNorm (and any other norm) is applied as usual.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torch.nn.modules import module as nn_module
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 
-def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool) -> Tensor:
-    """``norm(conv(x))``; in one convolution when ``fold`` and ``norm`` is a frozen batch norm.
+def frozen_norm_(norm: FrozenBatchNorm2d, x: Tensor) -> Tensor:
+    """``norm(x)`` computed in place on ``x``, with the operations of torchvision's
+    ``FrozenBatchNorm2d.forward`` in its order, so bit for bit its result. Only for a fresh ``x``
+    that nothing else holds (a convolution's output in inference).
+
+    Args:
+        x: ``[B, C, H, W]``, overwritten.
+    """
+    scale = norm.weight.reshape(1, -1, 1, 1) * (norm.running_var.reshape(1, -1, 1, 1) + norm.eps).rsqrt()
+    bias = norm.bias.reshape(1, -1, 1, 1) - norm.running_mean.reshape(1, -1, 1, 1) * scale  # [1, C, 1, 1]
+    return x.mul_(scale).add_(bias)
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool, in_place: bool = False) -> Tensor:
+    """``norm(conv(x))``; in one convolution when ``fold`` and ``norm`` is a frozen batch norm,
+    else with the frozen batch norm applied in place on the convolution's output when ``in_place``.
 
     Args:
         x: ``[B, C_in, H, W]``.
     Returns:
         ``[B, C_out, H', W']``.
     """
-    if not fold or not isinstance(norm, FrozenBatchNorm2d):
+    if not isinstance(norm, FrozenBatchNorm2d):
         return norm(conv(x))
+    if not fold:
+        return frozen_norm_(norm, conv(x)) if in_place else norm(conv(x))
     scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # [C_out]
     weight = conv.weight * scale[:, None, None, None]  # [C_out, C_in / groups, k, k]
     bias = norm.bias - norm.running_mean * scale  # [C_out]
@@ -47,13 +69,24 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool) -> Tensor
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def runs_in_place(modules: Iterable[nn.Module]) -> bool:
+    """Whether an unfolded forward through ``modules`` may overwrite the convolutions' outputs:
+    autograd off (inference), and no forward hooks there (or global ones) that could hold an
+    output which the next operation would then change under them."""
+    if torch.is_grad_enabled() or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 class Folding(Protocol):
-    """The two folding switches (a block's attributes, or a ``BackboneSpeed``)."""
+    """The folding switches (a block's attributes, or a ``BackboneSpeed``)."""
 
     @property
     def fold_training(self) -> bool: ...
     @property
     def fold_inference(self) -> bool: ...
+    @property
+    def in_place_inference(self) -> bool: ...
 
 
 def is_training_step(module: nn.Module) -> bool:
@@ -70,7 +103,17 @@ def _shortcut(block: BasicBlock | Bottleneck, x: Tensor, fold: bool) -> Tensor:
     if block.downsample is None:
         return x
     conv, norm = block.downsample[0], block.downsample[1]
-    return conv_norm(conv, norm, x, fold)
+    return conv_norm(conv, norm, x, fold, in_place=True)
+
+
+def _own_forward(block: FoldedBasicBlock | FoldedBottleneck) -> bool | None:
+    """How ``block`` runs now: folded (True), unfolded in place (False), or torchvision's
+    forward (None)."""
+    if folds(block, block):
+        return True
+    if block.in_place_inference and isinstance(block.bn1, FrozenBatchNorm2d) and runs_in_place(block.modules()):
+        return False
+    return None
 
 
 class FoldedBasicBlock(BasicBlock):
@@ -78,13 +121,15 @@ class FoldedBasicBlock(BasicBlock):
 
     fold_training: bool = False
     fold_inference: bool = False
+    in_place_inference: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if not folds(self, self):
+        fold = _own_forward(self)
+        if fold is None:
             return super().forward(x)
-        out = conv_norm(self.conv1, self.bn1, x, True).relu_()  # in place on fresh outputs, as torchvision
-        out = conv_norm(self.conv2, self.bn2, out, True)
-        return out.add_(_shortcut(self, x, True)).relu_()
+        out = conv_norm(self.conv1, self.bn1, x, fold, in_place=True).relu_()  # in place on fresh outputs
+        out = conv_norm(self.conv2, self.bn2, out, fold, in_place=True)
+        return out.add_(_shortcut(self, x, fold)).relu_()
 
 
 class FoldedBottleneck(Bottleneck):
@@ -92,14 +137,16 @@ class FoldedBottleneck(Bottleneck):
 
     fold_training: bool = False
     fold_inference: bool = False
+    in_place_inference: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if not folds(self, self):
+        fold = _own_forward(self)
+        if fold is None:
             return super().forward(x)
-        out = conv_norm(self.conv1, self.bn1, x, True).relu_()  # in place on fresh outputs, as torchvision
-        out = conv_norm(self.conv2, self.bn2, out, True).relu_()
-        out = conv_norm(self.conv3, self.bn3, out, True)
-        return out.add_(_shortcut(self, x, True)).relu_()
+        out = conv_norm(self.conv1, self.bn1, x, fold, in_place=True).relu_()  # in place on fresh outputs
+        out = conv_norm(self.conv2, self.bn2, out, fold, in_place=True).relu_()
+        out = conv_norm(self.conv3, self.bn3, out, fold, in_place=True)
+        return out.add_(_shortcut(self, x, fold)).relu_()
 
 
 #: Block type and blocks per stage of each supported depth (as torchvision's factories).
