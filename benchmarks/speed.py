@@ -5,7 +5,8 @@
 ``need_weights=True``, frozen batch norm as separate ops), with the stem and layer1 frozen as the
 original training script froze them (the project's models freeze the same). The project's model, as
 ``load_model`` returns it, at each backbone speed (``sdetr.BACKBONE_SPEEDS``): ``exact``
-(torchvision's modules everywhere), ``sdetr`` (the default: torchvision's modules in inference,
+(torchvision's modules and forward everywhere), ``sdetr`` (the default: torchvision's result in
+inference, bit for bit, its frozen batch norms, ReLUs and residual adds computed in place;
 frozen batch norm folded into the convolutions and channels-last in training steps), ``fast``
 (folded and channels-last everywhere) and ``fast bf16`` (fast under bf16 autocast). For each case
 the variants are timed round-robin, round by round, so machine noise hits all alike; the
