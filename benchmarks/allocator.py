@@ -26,14 +26,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import REFERENCE, eval_step
+from speed import REFERENCE, eval_step, interleaved, write_json
 
 from sdetr import load_model
 
@@ -57,16 +56,9 @@ def child(case: str, steps: int) -> dict[str, Any]:
         "original": eval_step(reference, images, mask),
         "sdetr": eval_step(load_model(reference.state_dict()), images, mask),
     }
-    for run in runs.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(steps):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+    median_s = interleaved(runs, steps)
     return {
-        "median_s": {name: statistics.median(values) for name, values in times.items()},
+        "median_s": median_s,
         "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
 
@@ -114,9 +106,7 @@ def main() -> None:
             )
         results.append({"case": case, "median_s": medians, "children": children})
     print("x orig: original / sdetr in the same setting; orig x, sdetr x: glibc default's time / this setting's")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rounds": args.rounds, "steps": args.steps, "results": results}, indent=1))
+    out = write_json(args.output, {"rounds": args.rounds, "steps": args.steps, "results": results})
     print(f"wrote {out}")
 
 

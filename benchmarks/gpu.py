@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import REFERENCE, float_outputs
+from speed import REFERENCE, float_outputs, write_json
 
 from sdetr import SetCriterion, load_model
 
@@ -253,7 +253,6 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks/gpu.py: no CUDA device here; run it on a GPU machine (or --device cpu --scale 0.2)")
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
@@ -265,7 +264,7 @@ def main() -> None:
     print(json.dumps(results), flush=True)
 
     def save() -> None:
-        out.write_text(json.dumps(results, indent=1))
+        write_json(out, results)
 
     short_sides = tuple(max(32, round(s * args.scale)) for s in RECIPE_SHORT_SIDES)
     train_batches = recipe_batches(args.train_batches, 4, short_sides, seed=0, device=device)

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sdetr import SetCriterion, build_model, load_model
+from sdetr import SetCriterion, atomic_path, build_model, load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 REFERENCE: Any = importlib.import_module("tests.reference_impl")  # the test suite's re-statement (untyped)
@@ -94,6 +94,13 @@ def float_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
     out = {k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}
     out["aux_outputs"] = [{k: aux[k].float() for k in ("pred_logits", "pred_boxes")} for aux in outputs["aux_outputs"]]
     return out
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write a benchmark's results to ``path`` atomically (a crash leaves the previous file)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1))
+    return Path(path)
 
 
 def interleaved(steps: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
@@ -224,9 +231,7 @@ def main() -> None:
         results.append(quick)
         for name, rate in quick["steps_per_s"].items():
             print(f"{quick['case']:<26} {name:<18} {rate:>6.2f} steps/s {quick['speedup'][name]:>6.2f}x")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rounds": args.rounds, "torch": torch.__version__, "results": results}, indent=1))
+    out = write_json(args.output, {"rounds": args.rounds, "torch": torch.__version__, "results": results})
     print(f"wrote {out}")
 
 
