@@ -85,7 +85,7 @@ def main() -> None:
         sys.exit("benchmarks/allocator.py: glibc's allocator settings exist on Linux only")
     results: list[dict[str, Any]] = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    header = f"{'original':>9} {'sdetr':>9} {'x orig':>7} {'orig x':>7} {'sdetr x':>8} {'RSS':>6}"
+    header = f"{'original':>9} {'sdetr':>9} {'x orig':>7} {'orig x':>7} {'sdetr x':>8} {'peak RSS':>9}"
     print(f"{'case':<18} {'setting':<22} {header}")
     for case in args.cases:
         children: dict[str, list[dict[str, Any]]] = {name: [] for name in SETTINGS}
@@ -102,7 +102,7 @@ def main() -> None:
             print(
                 f"{case:<18} {name:<22} {median['original'] * 1e3:>7.0f}ms {median['sdetr'] * 1e3:>7.0f}ms "
                 f"{median['original'] / median['sdetr']:>6.2f}x {base['original'] / median['original']:>6.2f}x "
-                f"{base['sdetr'] / median['sdetr']:>7.2f}x {rss:>5.2f}G"
+                f"{base['sdetr'] / median['sdetr']:>7.2f}x {rss:>5.2f}GiB"
             )
         results.append({"case": case, "median_s": medians, "children": children})
     print("x orig: original / sdetr in the same setting; orig x, sdetr x: glibc default's time / this setting's")

@@ -6,16 +6,18 @@ re-states the original model; its stem and layer1 are frozen as the original tra
 froze them, so both sides train the same parameters).
 
 - **Training** at the original recipe's sizes: batches of 4 images whose short side is one of
-  the multi-scale resize's 480..800 (step 32), long side at most 1333, COCO-like aspect ratios
-  (landscape 4:3 to 3:2 seven times in ten, else portrait), padded to the batch's largest
+  the multi-scale resize's 480..800 (step 32), long side at most 1333, COCO-like shapes
+  (long / short 4:3 to about 3:2, landscape seven times in ten), padded to the batch's largest
   height and width; 7 random boxes per image (COCO's mean). One step is forward, the DETR
   criterion (Hungarian matching on the CPU, as in training), backward, gradient clipping 0.1 and
   AdamW (the original: foreach; ours: fused, as the trainer does). Images per second come from
   the median over rounds of a fixed list of such batches, variants timed round-robin.
 - **Inference** at the validation size (short side 800, long side at most 1333), batch 4,
   ``torch.no_grad``.
-- **Peak memory** (``torch.cuda.max_memory_allocated``) of one round per variant, model and
-  optimiser state included.
+- **Memory** of one round per variant: ``peak_gib``, the process's peak
+  (``torch.cuda.max_memory_allocated``), which includes every model's weights and the gradients
+  and optimiser state created so far (they accumulate as the run goes: the original is measured
+  first), and ``round_gib``, that peak less what was allocated when the round began.
 - **Attention kernels**: the CUDA kernels of one profiled step whose names belong to a fused
   attention backend, and which SDPA backends accept the model's calls at all.
 - **Parity**: the largest output difference of each variant to the original on one batch.
@@ -150,14 +152,18 @@ def images_per_second(
     device = next(iter(variants.values())).device
     images = sum(b[0].shape[0] for b in batches)
     peak: dict[str, float] = {}
-    for name, variant in variants.items():  # warm-up round, which also measures peak memory
+    own: dict[str, float] = {}
+    for name, variant in variants.items():  # warm-up round, which also measures memory
+        start = float("nan")
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+            start = torch.cuda.memory_allocated(device) / 2**30
         for batch in batches:
             run(variant, batch)
         synchronize(device)
         peak[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        own[name] = peak[name] - start
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, variant in variants.items():
@@ -168,7 +174,12 @@ def images_per_second(
             synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {
-        name: {"images_per_s": images / statistics.median(t), "round_s": statistics.median(t), "peak_gib": peak[name]}
+        name: {
+            "images_per_s": images / statistics.median(t),
+            "round_s": statistics.median(t),
+            "peak_gib": peak[name],
+            "round_gib": own[name],
+        }
         for name, t in times.items()
     }
 
@@ -223,11 +234,12 @@ def section(name: str, results: dict[str, Any]) -> Iterator[None]:
 
 def print_table(results: dict[str, Any], steps: tuple[str, ...]) -> None:
     """Images per second, the ratio to the original's float32 and to the original run's 8.8
-    training images per second per RTX 3090, and peak memory."""
+    training images per second per RTX 3090 (compute only here; that run's figure includes data
+    loading and 4-GPU gradient averaging), the process's peak memory and the round's own."""
     print(
         f"\n{results['device']}, torch {results['torch']}; original run: {ORIGINAL_IMAGES_PER_S_PER_GPU:.1f} img/s/GPU"
     )
-    print(f"{'step':<18} {'variant':<26} {'img/s':>8} {'x orig':>7} {'x 3090':>7} {'peak GiB':>9}")
+    print(f"{'step':<18} {'variant':<26} {'img/s':>8} {'x orig':>7} {'x 3090':>7} {'peak GiB':>9} {'round GiB':>10}")
     for step in steps:
         base = results.get(step.removeprefix("compiled_"), {}).get("original fp32", {}).get("images_per_s")
         for name, row in results.get(step, {}).items():
@@ -235,7 +247,7 @@ def print_table(results: dict[str, Any], steps: tuple[str, ...]) -> None:
             vs_3090 = row["images_per_s"] / ORIGINAL_IMAGES_PER_S_PER_GPU if "training" in step else float("nan")
             print(
                 f"{step:<18} {name:<26} {row['images_per_s']:>8.1f} {ratio:>6.2f}x {vs_3090:>6.2f}x "
-                f"{row['peak_gib']:>9.2f}"
+                f"{row['peak_gib']:>9.2f} {row['round_gib']:>10.2f}"
             )
 
 

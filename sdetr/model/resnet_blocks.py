@@ -24,7 +24,7 @@ GroupNorm (and any other norm) is applied as usual.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +36,22 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 
 def frozen_norm_(norm: FrozenBatchNorm2d, x: Tensor) -> Tensor:
-    """``norm(x)`` computed in place on ``x``, with the operations of torchvision's
-    ``FrozenBatchNorm2d.forward`` in its order, so bit for bit its result. Only for a fresh ``x``
-    that nothing else holds (a convolution's output in inference).
+    """``norm(x)``, computed in place on ``x`` with the operations of torchvision's
+    ``FrozenBatchNorm2d.forward`` in its order, so bit for bit its result.
+
+    Only for a fresh ``x`` that nothing else holds: a convolution's own output, in inference. When
+    the result's dtype differs from ``x``'s (a bf16 convolution output under autocast meets the
+    float32 statistics, and torchvision's result is float32), ``norm(x)`` is returned instead.
 
     Args:
-        x: ``[B, C, H, W]``, overwritten.
+        norm: the frozen batch norm (its ``weight``, ``bias``, ``running_mean``, ``running_var``
+            are ``[C]`` buffers).
+        x: ``[B, C, H, W]``, overwritten when computed in place.
+    Returns:
+        ``[B, C, H, W]``: ``x`` itself, or a new tensor in the promoted dtype.
     """
+    if torch.promote_types(x.dtype, norm.weight.dtype) != x.dtype:
+        return norm(x)
     scale = norm.weight.reshape(1, -1, 1, 1) * (norm.running_var.reshape(1, -1, 1, 1) + norm.eps).rsqrt()
     bias = norm.bias.reshape(1, -1, 1, 1) - norm.running_mean.reshape(1, -1, 1, 1) * scale  # [1, C, 1, 1]
     return x.mul_(scale).add_(bias)
@@ -106,14 +115,19 @@ def _shortcut(block: BasicBlock | Bottleneck, x: Tensor, fold: bool) -> Tensor:
     return conv_norm(conv, norm, x, fold, in_place=True)
 
 
-def _own_forward(block: FoldedBasicBlock | FoldedBottleneck) -> bool | None:
-    """How ``block`` runs now: folded (True), unfolded in place (False), or torchvision's
-    forward (None)."""
+#: How a block runs: its frozen norms folded into the convolutions, unfolded with the norms,
+#: ReLUs and residual add in place on fresh convolution outputs, or torchvision's own forward.
+BlockPath = Literal["folded", "in_place", "torchvision"]
+
+
+def block_path(block: FoldedBasicBlock | FoldedBottleneck) -> BlockPath:
+    """How ``block`` runs now (see :data:`BlockPath`). The in-place path assumes torchvision's
+    modules: convolutions that return new tensors and ``FrozenBatchNorm2d`` norms."""
     if folds(block, block):
-        return True
+        return "folded"
     if block.in_place_inference and isinstance(block.bn1, FrozenBatchNorm2d) and runs_in_place(block.modules()):
-        return False
-    return None
+        return "in_place"
+    return "torchvision"
 
 
 class FoldedBasicBlock(BasicBlock):
@@ -124,9 +138,10 @@ class FoldedBasicBlock(BasicBlock):
     in_place_inference: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
-        fold = _own_forward(self)
-        if fold is None:
+        path = block_path(self)
+        if path == "torchvision":
             return super().forward(x)
+        fold = path == "folded"
         out = conv_norm(self.conv1, self.bn1, x, fold, in_place=True).relu_()  # in place on fresh outputs
         out = conv_norm(self.conv2, self.bn2, out, fold, in_place=True)
         return out.add_(_shortcut(self, x, fold)).relu_()
@@ -140,9 +155,10 @@ class FoldedBottleneck(Bottleneck):
     in_place_inference: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
-        fold = _own_forward(self)
-        if fold is None:
+        path = block_path(self)
+        if path == "torchvision":
             return super().forward(x)
+        fold = path == "folded"
         out = conv_norm(self.conv1, self.bn1, x, fold, in_place=True).relu_()  # in place on fresh outputs
         out = conv_norm(self.conv2, self.bn2, out, fold, in_place=True).relu_()
         out = conv_norm(self.conv3, self.bn3, out, fold, in_place=True)

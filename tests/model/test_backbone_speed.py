@@ -41,7 +41,8 @@ def test_conv_norm_folding_by_hand() -> None:
 
 def _norms_run(model: torch.nn.Module, run: Callable[[], object]) -> tuple[bool, bool]:
     """Whether the stem's and a block's batch norm modules were called during ``run()``
-    (a folded pair calls neither: its convolution applies the folded weights)."""
+    (a folded pair calls neither: its convolution applies the folded weights). The hooks
+    themselves send unfolded inference in those two places through torchvision's forward."""
     body = model.backbone.body
     called = {"stem": False, "block": False}
     handles = [
@@ -138,12 +139,42 @@ def test_default_inference_runs_in_place_unless_a_hook_or_autograd_is_watching(p
             handle.remove()
         assert torch.equal(seen[0][1], conv(seen[0][0]))  # the hook's output was not overwritten
 
+        body = backbone.body
+        for module, falls_back in [
+            (body.bn1, 1),  # the stem's pair
+            (body.layer2[0].downsample, 4),  # the Sequential is one of the block's modules
+            (body.layer3[1].bn2, 3),  # a forward pre-hook counts too
+        ]:
+            register = (
+                module.register_forward_pre_hook if module is body.layer3[1].bn2 else module.register_forward_hook
+            )
+            handle = register(lambda *_: None)
+            try:
+                assert _in_place_norms(features) - exact_count == 53 - falls_back, module
+            finally:
+                handle.remove()
+
         handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
         try:
             assert _in_place_norms(features) == exact_count
         finally:
             handle.remove()
     assert _in_place_norms(features) == exact_count  # eval mode, autograd on: torchvision's forward
+
+
+def test_in_place_inference_under_autocast_is_torchvisions_result(padded_batch) -> None:  # type: ignore[no-untyped-def]
+    """Under bf16 autocast torchvision's batch norm promotes the convolution's bf16 output to
+    float32; the in-place path must give that float32 result too, not a bf16 one."""
+    images, mask = padded_batch
+    backbone = _frozen_bn_model("detr").backbone
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        backbone.set_speed("exact")
+        exact = backbone(images, mask)
+        backbone.set_speed("default")
+        computed = backbone(images, mask)
+    for level, (features, _) in computed.items():
+        assert features.dtype == exact[level][0].dtype == torch.float32
+        assert torch.equal(features, exact[level][0]), level
 
 
 def test_unknown_speed_names_the_choices() -> None:
