@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import REFERENCE, float_outputs, write_json
+from speed import REFERENCE, float_outputs, same_trainable_parameters, targets_for, write_json
 
 from sdetr import SetCriterion, load_model
 
@@ -87,14 +87,8 @@ def make_batch(sizes: list[tuple[int, int]], generator: torch.Generator, device:
     for i, (h, w) in enumerate(sizes):
         images[i, :, :h, :w] = torch.randn(3, h, w, generator=generator)
         mask[i, :h, :w] = False
-        centres = torch.rand(7, 2, generator=generator) * 0.6 + 0.2
-        extent = torch.rand(7, 2, generator=generator) * 0.3 + 0.02
-        targets.append(
-            {
-                "labels": torch.randint(1, 91, (7,), generator=generator).to(device),
-                "boxes": torch.cat([centres, extent], 1).to(device),
-            }
-        )
+        target = targets_for(1, generator, objects=7, min_side=0.02, side_span=0.3)[0]
+        targets.append({key: value.to(device) for key, value in target.items()})
     return images.to(device), mask.to(device), targets
 
 
@@ -289,13 +283,9 @@ def main() -> None:
     state = reference.state_dict()
     ours = load_model(state).to(device)
     fast = load_model(state, speed="fast").to(device)
-    trainable = {
-        "original": sum(p.numel() for p in reference.parameters() if p.requires_grad),
-        "sdetr": sum(p.numel() for p in ours.parameters() if p.requires_grad),
-    }
-    results["trainable_parameters"] = trainable
-    if trainable["original"] != trainable["sdetr"]:
-        sys.exit(f"benchmarks/gpu.py: trainable parameters differ: {trainable}")
+    results["trainable_parameters"] = same_trainable_parameters(
+        {"original": reference, "sdetr": ours}, "benchmarks/gpu.py"
+    )
     reference.to(device)
     variants = {
         "original fp32": Variant(reference, None, fused=False, device=device),

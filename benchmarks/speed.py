@@ -50,14 +50,27 @@ PREDICTIONS = ("pred_logits", "pred_boxes")
 DEFAULT_CASES = ("sdetr:512x512x2", "detr:512x512x2", "sdetr:800x1333x1", "detr:800x1333x1")
 
 
-def targets_for(batch: int, generator: torch.Generator) -> list[dict[str, Tensor]]:
-    """Three random objects per image (cxcywh in [0, 1]), COCO-style labels."""
+def targets_for(
+    batch: int, generator: torch.Generator, objects: int = 3, min_side: float = 0.05, side_span: float = 0.2
+) -> list[dict[str, Tensor]]:
+    """``objects`` random objects per image: boxes ``[objects, 4]`` cxcywh in [0, 1], sides
+    uniform in ``min_side + [0, side_span)``, COCO-style labels 1..90."""
     out = []
     for _ in range(batch):
-        centres = torch.rand(3, 2, generator=generator) * 0.6 + 0.2
-        sizes = torch.rand(3, 2, generator=generator) * 0.2 + 0.05
-        out.append({"labels": torch.randint(1, 91, (3,), generator=generator), "boxes": torch.cat([centres, sizes], 1)})
+        centres = torch.rand(objects, 2, generator=generator) * 0.6 + 0.2
+        sides = torch.rand(objects, 2, generator=generator) * side_span + min_side
+        labels = torch.randint(1, 91, (objects,), generator=generator)
+        out.append({"labels": labels, "boxes": torch.cat([centres, sides], 1)})
     return out
+
+
+def same_trainable_parameters(models: dict[str, nn.Module], script: str) -> dict[str, int]:
+    """Trainable parameter counts of ``models``; exits naming ``script`` when they differ (a
+    timed train step would then compare different work)."""
+    trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in models.items()}
+    if len(set(trainable.values())) != 1:
+        raise SystemExit(f"{script}: the variants train different parameters: {trainable}")
+    return trainable
 
 
 def autocast(dtype: torch.dtype | None) -> Any:
@@ -135,9 +148,7 @@ def compare_case(preset: str, height: int, width: int, batch: int, rounds: int, 
     reference = REFERENCE.randomize_(REFERENCE.RefSDETR() if preset == "sdetr" else REFERENCE.RefDETR(), seed=1)
     REFERENCE.freeze_like_original_(reference)  # stem and layer1 frozen, as the original trained them
     models = variants(reference, compiled)
-    trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, (m, _) in models.items()}
-    if len(set(trainable.values())) != 1:
-        raise SystemExit(f"benchmarks/speed.py: the variants train different parameters: {trainable}")
+    same_trainable_parameters({name: model for name, (model, _) in models.items()}, "benchmarks/speed.py")
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, height, width, generator=generator)
     mask = torch.zeros(batch, height, width, dtype=torch.bool)

@@ -127,9 +127,10 @@ class Detector(nn.Module):
         return [getattr(self, f"stage{index}") for index in range(1, self.num_stages + 1)]
 
     def set_speed(self, speed: str | BackboneSpeed) -> Detector:
-        """How the backbone computes: ``"default"`` (torchvision's modules in inference; frozen
-        batch norms folded and channels-last convolutions in training steps), ``"fast"`` (folded
-        and channels-last everywhere) or ``"exact"`` (torchvision's modules everywhere); see
+        """How the backbone computes: ``"default"`` (torchvision's result, bit for bit, in
+        inference, its batch norms computed in place; frozen batch norms folded and channels-last
+        convolutions in training steps), ``"fast"`` (folded and channels-last everywhere) or
+        ``"exact"`` (torchvision's modules and forward everywhere); see
         :mod:`sdetr.model.backbone`. Outputs move only by float32 rounding. Returns the model."""
         self.backbone.set_speed(speed)
         return self

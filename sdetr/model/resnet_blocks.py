@@ -88,14 +88,12 @@ def runs_in_place(modules: Iterable[nn.Module]) -> bool:
 
 
 class Folding(Protocol):
-    """The folding switches (a block's attributes, or a ``BackboneSpeed``)."""
+    """The two folding switches (a block's attributes, or a ``BackboneSpeed``)."""
 
     @property
     def fold_training(self) -> bool: ...
     @property
     def fold_inference(self) -> bool: ...
-    @property
-    def in_place_inference(self) -> bool: ...
 
 
 def is_training_step(module: nn.Module) -> bool:
