@@ -14,6 +14,10 @@ How it computes is a :class:`BackboneSpeed`, picked by name (``Backbone.set_spee
 - ``"fast"``: folded and channels-last everywhere;
 - ``"exact"``: torchvision's modules and forward everywhere.
 
+Every speed but ``exact`` also computes the stem's max pool faster on NCHW inputs, with the
+same values and gradients bit for bit (:mod:`sdetr.model.max_pool`), GroupNorm backbones
+included.
+
 All compute the same function and differ by float32 rounding only: the folding's (about 1e-5
 at the detector's outputs on the parity tests' padded batch, depending on the thread count),
 channels-last's (about 2e-5). The parity tests against the original code hold the default's
@@ -34,6 +38,7 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from sdetr.config import ModelConfig
+from sdetr.model.max_pool import stem_max_pool
 from sdetr.model.resnet_blocks import (
     FoldedBasicBlock,
     FoldedBottleneck,
@@ -63,7 +68,9 @@ class BackboneSpeed:
             outputs: the same operations in the same order, so bit for bit torchvision's
             result, with fewer allocations. Off wherever a forward hook sits on the block's
             modules (a hook could hold an output that the next operation would overwrite).
-    All apply to frozen-BatchNorm backbones only.
+        fast_max_pool: compute the stem's max pool on NCHW inputs in a faster way with the same
+            values and gradients, bit for bit (:mod:`sdetr.model.max_pool`); any backbone.
+    All others apply to frozen-BatchNorm backbones only.
     """
 
     fold_training: bool = True
@@ -71,13 +78,16 @@ class BackboneSpeed:
     channels_last_training: bool = True
     channels_last_inference: bool = False
     in_place_inference: bool = True
+    fast_max_pool: bool = True
 
 
 #: Named speeds: ``default``, ``fast`` and ``exact`` (torchvision's modules, bit for bit).
 BACKBONE_SPEEDS: dict[str, BackboneSpeed] = {
     "default": BackboneSpeed(),
     "fast": BackboneSpeed(fold_inference=True, channels_last_inference=True),
-    "exact": BackboneSpeed(fold_training=False, channels_last_training=False, in_place_inference=False),
+    "exact": BackboneSpeed(
+        fold_training=False, channels_last_training=False, in_place_inference=False, fast_max_pool=False
+    ),
 }
 
 
@@ -174,7 +184,8 @@ class Backbone(nn.Module):
         x = images.contiguous(memory_format=torch.channels_last) if self._channels_last() else images  # NHWC
         fold = folds(self, speed)
         in_place = speed.in_place_inference and runs_in_place((body.conv1, body.bn1))
-        x = body.maxpool(conv_norm(body.conv1, body.bn1, x, fold, in_place).relu_())  # ReLU in place, as torchvision
+        x = conv_norm(body.conv1, body.bn1, x, fold, in_place).relu_()  # [B, 64, H/2, W/2]; in place, as torchvision
+        x = stem_max_pool(body.maxpool, x) if speed.fast_max_pool else body.maxpool(x)  # [B, 64, H/4, W/4]
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for level_name, layer_name in (("c2", "layer1"), ("c3", "layer2"), *LEVEL_LAYERS.items()):
             x = getattr(body, layer_name)(x)  # [B, C, H/stride, W/stride]
