@@ -75,6 +75,7 @@ class QuickRun:
             batch_size=self.batch_size,
             lr=self.lr,
             lr_backbone=self.lr,
+            warmup_steps=0,  # as these runs were measured (TrainConfig's default warms up the quickstart)
             encoder_loss=self.encoder_loss,
             seed=self.seed,
             eval_every=0,

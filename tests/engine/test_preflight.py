@@ -35,6 +35,9 @@ def config(output: Path, **changes: Any) -> TrainConfig:
         batch_size=4,
         epochs=1,
         lr_drop=1,
+        lr=5e-4,  # fixed rates without warm-up, whatever the quickstart's defaults
+        lr_backbone=5e-4,
+        warmup_steps=0,
         eval_every=0,
         augment=False,
         output_dir=str(output),

@@ -41,6 +41,7 @@ def small_config(output: Path, **changes: object) -> TrainConfig:
         batch_size=4,
         epochs=2,
         lr_drop=1,
+        warmup_steps=0,  # step decay alone, whatever the quickstart's warm-up
         eval_every=0,
         output_dir=str(output),
         device="cpu",
