@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as nn_module
+
+from sdetr.model.resnet_blocks import forward_hooks_on
 
 
 def _max_3_stride_2(x: Tensor, dim: int) -> Tensor:
@@ -108,9 +109,8 @@ def stem_max_pool(pool: nn.Module, x: Tensor) -> Tensor:
     Returns:
         ``[B, C, ceil(H / 2), ceil(W / 2)]``, in ``x``'s memory format.
     """
-    hooked = pool._forward_hooks or pool._forward_pre_hooks
-    hooked = hooked or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
-    if hooked or not is_stem_pool(pool) or x.dim() != 4 or not x.is_contiguous() or torch.compiler.is_compiling():
+    plain_input = x.dim() == 4 and x.is_contiguous()  # NCHW; channels-last inputs take the fast kernel already
+    if forward_hooks_on((pool,)) or not is_stem_pool(pool) or not plain_input or torch.compiler.is_compiling():
         return pool(x)
     if torch.is_grad_enabled() and x.requires_grad:
         values, _ = _ChannelsLastPool.apply(x)  # [B, C, H', W'] NCHW

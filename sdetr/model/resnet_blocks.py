@@ -78,13 +78,18 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool, in_place:
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def forward_hooks_on(modules: Iterable[nn.Module]) -> bool:
+    """Whether a forward hook or pre-hook watches calls of ``modules``: on one of them, or global."""
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def runs_in_place(modules: Iterable[nn.Module]) -> bool:
     """Whether an unfolded forward through ``modules`` may overwrite the convolutions' outputs:
     autograd off (inference), and no forward hooks there (or global ones) that could hold an
     output which the next operation would then change under them."""
-    if torch.is_grad_enabled() or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-        return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return not torch.is_grad_enabled() and not forward_hooks_on(modules)
 
 
 class Folding(Protocol):
