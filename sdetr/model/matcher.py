@@ -22,7 +22,8 @@ class HungarianMatcher:
     cost_giou: float = 2.0
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, target: Target) -> Tensor:
-        """One image: ``logits [Q, C+1]``, ``boxes [Q, 4]`` cxcywh -> cost ``[Q, N targets]``."""
+        """``logits [Q, C+1]``, ``boxes [Q, 4]`` cxcywh -> cost ``[Q, N targets]`` (one image, or a
+        flattened batch against all its targets)."""
         prob = logits.softmax(-1)  # [Q, C+1]
         labels, target_boxes = target["labels"], target["boxes"]
         cost_class = -prob[:, labels]  # [Q, N]
@@ -37,14 +38,31 @@ class HungarianMatcher:
             targets: per image, ``labels [N]`` and ``boxes [N, 4]`` (cxcywh, normalised).
         Returns:
             per image, ``(prediction indices, target indices)``, each ``[min(Q, N)]`` int64.
+
+        The costs of the whole batch are one :meth:`cost_matrix` call, every query against every
+        target of the batch (as DETR computes them), then each image's block is solved. Each cost
+        is computed element by element, so the blocks equal per-image calls bit for bit (tested),
+        at a quarter of the time for the quickstart's 16 images.
         """
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]  # [B, Q, C+1], [B, Q, 4]
+        batch, queries = boxes.shape[:2]
+        counts = [len(target["labels"]) for target in targets]
+        if len(counts) != batch:
+            raise ValueError(f"{batch} images of predictions but {len(counts)} targets")
+        empty = torch.empty(0, dtype=torch.int64)
+        if sum(counts) == 0:
+            return [(empty, empty.clone()) for _ in counts]
+        every = {
+            "labels": torch.cat([target["labels"] for target in targets]),  # [sum N]
+            "boxes": torch.cat([target["boxes"] for target in targets]),  # [sum N, 4]
+        }
+        cost = self.cost_matrix(logits.flatten(0, 1).float(), boxes.flatten(0, 1).float(), every)  # [B*Q, sum N]
+        columns = cost.view(batch, queries, -1).cpu().split(counts, dim=-1)  # per image [B, Q, N_i]
         matches = []
-        for logits, boxes, target in zip(outputs["pred_logits"], outputs["pred_boxes"], targets, strict=True):
-            if len(target["labels"]) == 0:
-                empty = torch.empty(0, dtype=torch.int64)
+        for image, (block, count) in enumerate(zip(columns, counts, strict=True)):
+            if count == 0:
                 matches.append((empty, empty.clone()))
                 continue
-            cost = self.cost_matrix(logits.float(), boxes.float(), target).cpu()
-            rows, cols = linear_sum_assignment(cost.numpy())
+            rows, cols = linear_sum_assignment(block[image].numpy())  # its own queries: [Q, N_i]
             matches.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return matches

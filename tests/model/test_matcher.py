@@ -58,3 +58,42 @@ def test_obvious_assignment() -> None:
     target = {"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]])}
     rows, cols = HungarianMatcher()(outputs, [target])[0]
     assert dict(zip(rows.tolist(), cols.tolist(), strict=True)) == {0: 1, 1: 0}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(0, 10_000), st.integers(1, 4), st.integers(1, 8), st.lists(st.integers(0, 4), min_size=1, max_size=4)
+)
+def test_batched_costs_equal_per_image_costs_bit_for_bit(
+    seed: int, batch: int, queries: int, counts: list[int]
+) -> None:
+    """The batch's one cost matrix, cut into images, is what each image alone gives, and so are the
+    matches (the quickstart's training runs are unchanged by the batched matcher)."""
+    counts = (counts * batch)[:batch]
+    cases = [_random_case(seed + i, queries, count) for i, count in enumerate(counts)]
+    outputs = {key: torch.cat([case[0][key] for case in cases]) for key in ("pred_logits", "pred_boxes")}
+    targets = [case[1][0] for case in cases]
+    matcher = HungarianMatcher()
+    every = {key: torch.cat([t[key] for t in targets]) for key in ("labels", "boxes")}
+    if sum(counts):
+        batched = matcher.cost_matrix(outputs["pred_logits"].flatten(0, 1), outputs["pred_boxes"].flatten(0, 1), every)
+        columns = batched.view(batch, queries, -1).split(counts, dim=-1)  # per image [B, Q, N_i]
+        for i, block in enumerate(columns):
+            alone = matcher.cost_matrix(outputs["pred_logits"][i], outputs["pred_boxes"][i], targets[i])
+            assert torch.equal(block[i], alone)
+    matches = matcher(outputs, targets)
+    for i, (rows, cols) in enumerate(matches):
+        one = {key: value[i : i + 1] for key, value in outputs.items()}
+        alone_rows, alone_cols = matcher(one, [targets[i]])[0]
+        assert torch.equal(rows, alone_rows) and torch.equal(cols, alone_cols)
+        assert len(rows) == min(queries, counts[i])
+
+
+def test_a_target_list_of_another_length_is_refused() -> None:
+    outputs, targets = _random_case(0, 3, 2)
+    try:
+        HungarianMatcher()(outputs, targets * 2)
+    except ValueError as error:
+        assert "1 images of predictions but 2 targets" in str(error)
+    else:
+        raise AssertionError("no error")
