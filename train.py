@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coco_path", help="COCO folder (annotations/, train2017/, val2017/); default: synthetic set")
     p.add_argument("--scale", choices=["full", "tiny", "synthetic"], help="augmentation / resize scale")
     p.add_argument("--epochs", type=int)
+    p.add_argument(
+        "--low_res_epochs",
+        type=int,
+        help="progressive resizing: train the first N epochs at --low_res_factor x the sizes (0: off; default 8)",
+    )
+    p.add_argument("--low_res_factor", type=float, help="size factor of the --low_res_epochs (default 0.8)")
     p.add_argument("--schedule", choices=["step", "cosine"], help="learning-rate schedule, per optimiser step")
     p.add_argument("--lr_drop", type=int, help="epochs between x0.1 decays (--schedule step)")
     p.add_argument("--warmup_steps", type=int, help="linear learning-rate warm-up steps (0: none)")

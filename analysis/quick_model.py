@@ -76,6 +76,7 @@ class QuickRun:
             lr=self.lr,
             lr_backbone=self.lr,
             warmup_steps=0,  # as these runs were measured (TrainConfig's default warms up the quickstart)
+            low_res_epochs=0,  # and trains its first epochs smaller
             encoder_loss=self.encoder_loss,
             seed=self.seed,
             eval_every=0,

@@ -34,11 +34,12 @@ def test_original_recipe_and_explicit_flags_win() -> None:
     assert (config.encoder_loss, config.one_to_many, config.one_to_many_epochs) == (0.0, 1, 0)
     assert (config.precision, config.schedule, config.warmup_steps, config.clip_max_norm) == ("fp32", "step", 0, 0.1)
     assert config.encoder_loss == 0.0  # the original criterion: no dense encoder losses
-    assert (config.ema_decay, config.denoising_groups, config.augment) == (
+    assert (config.ema_decay, config.denoising_groups, config.augment, config.low_res_epochs) == (
         0.0,
         0,
         True,
-    )  # raw weights, DETR's augmentation
+        0,
+    )  # raw weights, DETR's augmentation, every epoch at full size
 
 
 def test_quickstart_training_aids_can_be_switched_off() -> None:
@@ -89,6 +90,9 @@ def test_eval_and_flags_familiar_to_detr_users() -> None:
     [
         (["--epochs", "0"], "--epochs 0: use a positive integer"),
         (["--lr_drop", "0"], "--lr_drop 0: use a positive integer"),
+        (["--low_res_epochs", "-1"], "--low_res_epochs -1: use 0 or more"),
+        (["--low_res_factor", "0"], "--low_res_factor 0.0: use a factor in (0, 1]"),
+        (["--low_res_factor", "1.5"], "--low_res_factor 1.5: use a factor in (0, 1]"),
         (["--set", "hidden_dim=abc"], "--set hidden_dim=abc: hidden_dim: expected an integer, got 'abc'"),
         (["--set", "nonexistent_field=3"], "no field 'nonexistent_field'"),
         (["--preset", "yolo"], "unknown preset 'yolo'"),
@@ -202,6 +206,7 @@ def test_resume_of_a_run_saved_before_an_option_existed_keeps_how_it_trained(tmp
     config = config_from_args(["--resume", str(tmp_path / "checkpoint.pth")])
     assert (config.ema_decay, config.denoising_groups, config.augments(), config.precision) == (0.0, 0, True, "fp32")
     assert (config.one_to_many, config.one_to_many_epochs, config.schedule, config.epochs) == (1, 0, "step", 5)
+    assert config.low_res_epochs == 0
     later = config_from_args(["--resume", str(tmp_path / "checkpoint.pth"), "--denoising_groups", "5"])
     assert later.denoising_groups == 5
     current = TrainConfig(epochs=5).to_dict()  # a run that stored them keeps its own values

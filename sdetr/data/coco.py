@@ -17,6 +17,7 @@ and counted; with ``on_bad_data="skip"`` they are skipped too.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -113,6 +114,13 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
         if self.skipped:
             details = ", ".join(f"{count} {kind}" for kind, count in sorted(self.skipped.items()))
             warnings.warn(f"{paths.annotations}: skipped {details}", stacklevel=2)
+
+    def with_transforms(self, transforms: Callable[..., tuple[Tensor, dict[str, Any]]]) -> CocoDetection:
+        """The same split through other ``transforms``: a shallow copy that shares the index, the
+        targets and the decoded-image cache (progressive resizing's smaller epochs read it)."""
+        other = copy.copy(self)
+        other.transforms = transforms
+        return other
 
     def _bad(self, kind: str, message: str) -> None:
         if self.on_bad_data == "error":

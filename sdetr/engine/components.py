@@ -6,14 +6,16 @@ them to the :class:`~sdetr.engine.Trainer`; built by hand, they can be changed b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sdetr.build import build_model
 from sdetr.checkpoints import load_model
-from sdetr.data import CocoDetection, CocoPaths, SyntheticSpec, build_transforms, generate_synthetic_coco
+from sdetr.data import SCALES, CocoDetection, CocoPaths, SyntheticSpec, build_transforms, generate_synthetic_coco
 from sdetr.data.annotations import OnBadData
 from sdetr.data.synthetic import synthetic_root
 from sdetr.engine import distributed
@@ -30,6 +32,25 @@ class TrainingData:
     train: CocoDetection
     val: CocoDetection
     root: Path
+    #: The train split's transforms at reduced sizes, for progressive resizing
+    #: (``TrainConfig.low_res_epochs``); None where the run does not use it.
+    low_res_transforms: Callable[..., tuple[torch.Tensor, dict[str, Any]]] | None = None
+
+    def train_split(self, low_res: bool = False) -> CocoDetection:
+        """The train split; with ``low_res``, the same images (index and decoded-image cache shared)
+        through :attr:`low_res_transforms`.
+
+        Raises:
+            ValueError: ``low_res`` without :attr:`low_res_transforms`.
+        """
+        if not low_res:
+            return self.train
+        if self.low_res_transforms is None:
+            raise ValueError(
+                "low-resolution epochs need TrainingData.low_res_transforms "
+                "(build_data makes them when TrainConfig.low_res_epochs > 0)"
+            )
+        return self.train.with_transforms(self.low_res_transforms)
 
     @property
     def num_classes(self) -> int:
@@ -57,7 +78,10 @@ def build_data(config: TrainConfig, ctx: DistributedContext) -> TrainingData:
     cache = config.coco_path is None  # the synthetic set is small: decode each image once, not every epoch
     train = CocoDetection(CocoPaths(root, "train"), build_transforms(scale, True, config.augments()), on_bad, cache)
     val = CocoDetection(CocoPaths(root, "val"), build_transforms(scale, False), on_bad, cache)
-    return TrainingData(train, val, root)
+    low_res = None
+    if config.low_res_epochs > 0:
+        low_res = build_transforms(SCALES[scale].scaled(config.low_res_factor), True, config.augments())
+    return TrainingData(train, val, root, low_res)
 
 
 def build_training_model(config: TrainConfig, num_classes: int, device: torch.device) -> Detector:

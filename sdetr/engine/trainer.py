@@ -161,11 +161,17 @@ class Trainer:
 
         Raises:
             CheckpointError, PreflightError: ``config.resume`` cannot be continued.
+            ValueError: ``config.low_res_epochs`` without ``data.low_res_transforms``.
         """
         self.config = config
         self.ctx = ctx
         self.model = model
         self.data = data
+        if config.low_res_epochs > 0 and not config.eval_only and data.low_res_transforms is None:
+            raise ValueError(
+                f"TrainConfig.low_res_epochs={config.low_res_epochs} needs TrainingData.low_res_transforms "
+                "(build_data makes them; or set low_res_epochs=0)"
+            )
         self.criterion = criterion
         self.output_dir = Path(config.output_dir)
         #: The last checkpoint known to be good (written by this run, or resumed from), and its epoch.
@@ -376,10 +382,12 @@ class Trainer:
     # ------------------------------------------------------------------ loops
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         self.ddp.train()
-        loader = self._loader(self.data.train, train=True, epoch=epoch)
+        low_res = self.low_res(epoch)
+        loader = self._loader(self.data.train_split(low_res), train=True, epoch=epoch)
         averages = LossAverages()  # of the per-step means over processes
         used_lr = self.optimizer.param_groups[0]["lr"]  # logged: the rate of the epoch's last step
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not self.ctx.is_main, leave=False)
+        desc = f"epoch {epoch}" + (f" (x{self.config.low_res_factor:g} size)" if low_res else "")
+        bar = tqdm(loader, desc=desc, disable=not self.ctx.is_main, leave=False)
         for images, targets in bar:
             images = [image.to(self.ctx.device) for image in images]
             targets = _targets_to(targets, self.ctx.device)
@@ -411,6 +419,10 @@ class Trainer:
         means = averages.means()
         means["lr"] = used_lr
         return means
+
+    def low_res(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` trains at reduced sizes (progressive resizing)."""
+        return epoch < self.config.low_res_epochs
 
     def one_to_many(self, epoch: int) -> int:
         """How many queries each object is matched to in epoch ``epoch`` (1: DETR's one-to-one)."""

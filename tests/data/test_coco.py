@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdetr.data import BadDataError, CocoDetection, CocoPaths, build_transforms, collate, load_coco
+from sdetr.data import SCALES, BadDataError, CocoDetection, CocoPaths, build_transforms, collate, load_coco
 
 
 def write_coco(
@@ -72,6 +72,26 @@ def test_cached_images_are_decoded_once_and_give_the_same_samples(
             assert torch.equal(image, expected_image) and torch.equal(target["boxes"], expected_target["boxes"])
     assert sorted(reads) == [1, 2, 3]  # each file read once
     assert cached.decoded is not None and cached.decoded[2][0, 0].tolist() == [80, 0, 0]  # the file's pixels
+
+
+def test_with_transforms_shares_the_split_and_its_decoded_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Progressive resizing reads the same split at another size: one index, one decoded-image cache."""
+    paths = write_coco(tmp_path, GOOD)
+    full = CocoDetection(paths, build_transforms("synthetic", train=False), cache_decoded=True)
+    small = full.with_transforms(build_transforms(SCALES["synthetic"].scaled(0.5), train=True, augment=False))
+    reads: list[int] = []
+    read = full.read_image
+    monkeypatch.setattr(full, "read_image", lambda image_id: reads.append(image_id) or read(image_id))
+    image, target = full[1]
+    assert image.shape == (3, 160, 213) and full.transforms is not small.transforms
+    monkeypatch.setattr(small, "read_image", lambda image_id: reads.append(-image_id) or read(image_id))
+    small_image, small_target = small[1]
+    assert small_image.shape == (3, 80, 106) and small_target["image_id"] == target["image_id"] == 2
+    torch.testing.assert_close(small_target["boxes"], target["boxes"], atol=0.01, rtol=0)  # relative boxes agree
+    assert reads == [2]  # the smaller view decoded nothing: the full view's cache served it
+    assert small.decoded is full.decoded and small.ids is full.ids and small.targets is full.targets
 
 
 BAD_CASES = [

@@ -76,3 +76,19 @@ def test_validation_resize_and_model_target() -> None:
     torch.testing.assert_close(absolute, expected, atol=1e-3, rtol=0)
     assert SCALES["full"].val_size == 800 and SCALES["full"].max_size == 1333
     assert SCALES["full"].train_sizes == tuple(range(480, 801, 32))
+
+
+def test_scaled_scale_multiplies_every_size_and_rounds() -> None:
+    """Progressive resizing's smaller epochs: the synthetic scale at 0.8, worked out by hand."""
+    small = SCALES["synthetic"].scaled(0.8)
+    # train sizes 128..192 step 16 -> 102.4, 115.2, 128, 140.8, 153.6; max 256 -> 204.8; crop 112 -> 89.6
+    assert small.train_sizes == (102, 115, 128, 141, 154)
+    assert (small.max_size, small.crop_resize, small.crop_range) == (205, (102, 115, 128), (90, 128))
+    assert small.val_size == 128
+    assert SCALES["synthetic"].scaled(1.0) == SCALES["synthetic"]
+    image, target = _scene([[10, 20, 60, 70]], height=96, width=128)
+    pixels, out = build_transforms(small, train=True, augment=False)(image, target)
+    assert pixels.shape == (3, 128, 170) and out["size"].tolist() == [128, 170]  # 128 * 4 / 3 = 170.7, truncated
+    for bad in (0.0, -0.5):
+        with pytest.raises(ValueError, match="positive"):
+            SCALES["synthetic"].scaled(bad)

@@ -19,6 +19,7 @@ def test_fits_eight_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         precision="fp32",  # the thresholds were measured in float32
         synthetic_train=8, synthetic_val=2, batch_size=4, epochs=100, lr_drop=1000, eval_every=0, augment=False,
         lr=5e-4, lr_backbone=5e-4, warmup_steps=0,  # the rates the thresholds were measured with
+        low_res_epochs=0,  # at full size throughout, as measured
         output_dir=str(tmp_path / "out"), device="cpu",
         encoder_loss=0.0, synthetic_class_hues=False,  # DETR's own criterion alone, on the harder any-colour set
         one_to_many_epochs=0,  # and its one-to-one matching throughout,
@@ -49,7 +50,7 @@ def test_dense_encoder_losses_fit_eight_images(tmp_path: Path, monkeypatch: pyte
     config = TrainConfig(
         precision="fp32",  # the thresholds were measured in float32
         synthetic_train=8, synthetic_val=2, batch_size=4, epochs=30, lr_drop=1000, eval_every=0, augment=False,
-        lr=5e-4, lr_backbone=5e-4, warmup_steps=0,  # as measured
+        lr=5e-4, lr_backbone=5e-4, warmup_steps=0, low_res_epochs=0,  # as measured
         output_dir=str(tmp_path / "out"), device="cpu", denoising_groups=0,  # as measured
     )  # fmt: skip
     assert config.encoder_loss > 0

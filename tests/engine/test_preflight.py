@@ -38,6 +38,7 @@ def config(output: Path, **changes: Any) -> TrainConfig:
         lr=5e-4,  # fixed rates without warm-up, whatever the quickstart's defaults
         lr_backbone=5e-4,
         warmup_steps=0,
+        low_res_epochs=0,  # full-size epochs, whatever the quickstart's progressive resizing
         eval_every=0,
         augment=False,
         output_dir=str(output),

@@ -42,6 +42,7 @@ def small_config(output: Path, **changes: object) -> TrainConfig:
         epochs=2,
         lr_drop=1,
         warmup_steps=0,  # step decay alone, whatever the quickstart's warm-up
+        low_res_epochs=0,  # full-size epochs, whatever the quickstart's progressive resizing
         eval_every=0,
         output_dir=str(output),
         device="cpu",
@@ -142,6 +143,46 @@ def test_one_to_many_matching_only_in_its_first_epochs(tmp_path: Path, monkeypat
     trainer.run()
     # two training steps per epoch at 3, 3 then 1; every evaluation (one step each) one-to-one (None)
     assert seen == [3, 3, None, 3, 3, None, 1, 1, None]
+
+
+def test_progressive_resizing_trains_its_first_epochs_smaller_and_evaluates_at_full_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = Trainer.from_config(
+        small_config(tmp_path, epochs=3, low_res_epochs=2, low_res_factor=0.5, eval_every=1, augment=False)
+    )
+    original = trainer._forward
+    seen: list[tuple[bool, tuple[int, ...]]] = []
+
+    def recording(images, train, denoising=None):  # type: ignore[no-untyped-def]
+        seen.extend((train, tuple(image.shape[-2:])) for image in images)
+        return original(images, train, denoising)
+
+    monkeypatch.setattr(trainer, "_forward", recording)
+    trainer.run()
+    # the synthetic images are 192x256: short side 160 at full size, 80 at half; 8 training images a
+    # step of 4 twice per epoch, then the 4 validation images, always at full size
+    small, full = (80, 106), (160, 213)  # long sides 106.7 and 213.3, truncated as torchvision does
+    expected = [(True, small)] * 8 + [(False, full)] * 4
+    expected += [(True, small)] * 8 + [(False, full)] * 4
+    expected += [(True, full)] * 8 + [(False, full)] * 4
+    assert seen == expected
+    assert [trainer.low_res(epoch) for epoch in range(3)] == [True, True, False]
+
+
+def test_low_res_epochs_need_the_smaller_transforms(tmp_path: Path) -> None:
+    config = small_config(tmp_path, low_res_epochs=1)
+    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    data = build_data(config, ctx)
+    assert data.low_res_transforms is not None and build_data(small_config(tmp_path), ctx).low_res_transforms is None
+    data.low_res_transforms = None  # as if built by hand without them
+    model = build_training_model(config, data.num_classes, ctx.device)
+    criterion = SetCriterion(model.config.num_classes)
+    with pytest.raises(ValueError, match=r"low_res_epochs=1 needs TrainingData\.low_res_transforms"):
+        Trainer(config, model=model, data=data, criterion=criterion, ctx=ctx)
+    with pytest.raises(ValueError, match=r"need TrainingData\.low_res_transforms"):
+        data.train_split(low_res=True)
+    assert data.train_split() is data.train
 
 
 def _two_object_coco(root: Path, count: int = 4) -> None:
