@@ -63,9 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--low_res_epochs",
         type=int,
-        help="progressive resizing: train the first N epochs at --low_res_factor x the sizes (0: off; default 8)",
+        help="progressive resizing: train the first N epochs at --low_res_factor x the sizes "
+        f"(0: off; default {defaults.low_res_epochs})",
     )
-    p.add_argument("--low_res_factor", type=float, help="size factor of the --low_res_epochs (default 0.8)")
+    p.add_argument(
+        "--low_res_factor", type=float, help=f"size factor of the --low_res_epochs (default {defaults.low_res_factor})"
+    )
     p.add_argument("--schedule", choices=["step", "cosine"], help="learning-rate schedule, per optimiser step")
     p.add_argument("--lr_drop", type=int, help="epochs between x0.1 decays (--schedule step)")
     p.add_argument("--warmup_steps", type=int, help="linear learning-rate warm-up steps (0: none)")

@@ -93,6 +93,9 @@ def test_eval_and_flags_familiar_to_detr_users() -> None:
         (["--low_res_epochs", "-1"], "--low_res_epochs -1: use 0 or more"),
         (["--low_res_factor", "0"], "--low_res_factor 0.0: use a factor in (0, 1]"),
         (["--low_res_factor", "1.5"], "--low_res_factor 1.5: use a factor in (0, 1]"),
+        (["--epochs", "5"], "--low_res_epochs 8 with --epochs 5: the last epoch must train at full size"),
+        (["--low_res_factor", "0.2"], "smallest size (128 px) would become 26 px, under 32 px"),
+        (["--low_res_factor", "0.2"], "use a factor of at least 0.25"),
         (["--set", "hidden_dim=abc"], "--set hidden_dim=abc: hidden_dim: expected an integer, got 'abc'"),
         (["--set", "nonexistent_field=3"], "no field 'nonexistent_field'"),
         (["--preset", "yolo"], "unknown preset 'yolo'"),
@@ -171,10 +174,12 @@ def test_ctrl_c_before_any_checkpoint_says_so(
 
 def test_resume_takes_the_runs_options_and_explicit_flags_win(tmp_path: Path) -> None:
     """Issue 11: ``--resume`` silently ignored an explicit --lr."""
-    stored = TrainConfig(epochs=5, lr=2e-4, batch_size=2, model_overrides={"hidden_dim": 32}, output_dir="elsewhere")
+    stored = TrainConfig(
+        epochs=5, low_res_epochs=2, lr=2e-4, batch_size=2, model_overrides={"hidden_dim": 32}, output_dir="elsewhere"
+    )
     torch.save({"sdetr_format": 1, "train_config": stored.to_dict()}, tmp_path / "checkpoint.pth")
     config = config_from_args(["--resume", str(tmp_path / "checkpoint.pth"), "--lr", "1e-3", "--set", "ffn_dim=64"])
-    assert (config.epochs, config.batch_size, config.lr) == (5, 2, 1e-3)
+    assert (config.epochs, config.batch_size, config.lr, config.low_res_epochs) == (5, 2, 1e-3, 2)
     assert config.model_overrides == {"hidden_dim": 32, "ffn_dim": 64}
     assert config.output_dir == str(tmp_path)  # the checkpoint's folder, not the stored (maybe moved) path
     torch.save({"sdetr_format": 1, "train_config": {**stored.to_dict(), "lr": "fast"}}, tmp_path / "bad.pth")
@@ -201,7 +206,7 @@ def test_resume_of_a_run_saved_before_an_option_existed_keeps_how_it_trained(tmp
     """A checkpoint written before EMA, denoising queries or the synthetic set's no-augmentation
     default resumes as it trained (not with today's defaults, whose extra denoiser parameters
     would not even fit its optimiser state); explicit flags still win."""
-    stored = {k: v for k, v in TrainConfig(epochs=5).to_dict().items() if k not in BEFORE_THE_OPTION}
+    stored = {k: v for k, v in TrainConfig(epochs=5, low_res_epochs=4).to_dict().items() if k not in BEFORE_THE_OPTION}
     torch.save({"sdetr_format": 1, "train_config": stored}, tmp_path / "checkpoint.pth")
     config = config_from_args(["--resume", str(tmp_path / "checkpoint.pth")])
     assert (config.ema_decay, config.denoising_groups, config.augments(), config.precision) == (0.0, 0, True, "fp32")
@@ -209,6 +214,7 @@ def test_resume_of_a_run_saved_before_an_option_existed_keeps_how_it_trained(tmp
     assert config.low_res_epochs == 0
     later = config_from_args(["--resume", str(tmp_path / "checkpoint.pth"), "--denoising_groups", "5"])
     assert later.denoising_groups == 5
-    current = TrainConfig(epochs=5).to_dict()  # a run that stored them keeps its own values
+    current = TrainConfig(epochs=5, low_res_epochs=4).to_dict()  # a run that stored them keeps its own values
     torch.save({"sdetr_format": 1, "train_config": current}, tmp_path / "new.pth")
-    assert config_from_args(["--resume", str(tmp_path / "new.pth")]).denoising_groups == current["denoising_groups"]
+    kept = config_from_args(["--resume", str(tmp_path / "new.pth")])
+    assert (kept.denoising_groups, kept.low_res_epochs) == (current["denoising_groups"], 4)

@@ -117,7 +117,8 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
 
     def with_transforms(self, transforms: Callable[..., tuple[Tensor, dict[str, Any]]]) -> CocoDetection:
         """The same split through other ``transforms``: a shallow copy that shares the index, the
-        targets and the decoded-image cache (progressive resizing's smaller epochs read it)."""
+        targets and the decoded-image cache (progressive resizing's smaller epochs read it). A view
+        to read from: drop or verify images on the split it came from, then take a new view."""
         other = copy.copy(self)
         other.transforms = transforms
         return other

@@ -9,6 +9,7 @@ short side 128..192 in training and 160 at validation).
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -37,13 +38,14 @@ class Scale:
 
     def scaled(self, factor: float) -> Scale:
         """Every size times ``factor``, rounded to whole pixels (progressive resizing's smaller
-        epochs; ``synthetic.scaled(0.8)`` trains at short side 128 instead of 160).
+        epochs: without augmentation, ``synthetic.scaled(0.8)`` trains at short side 128 instead of
+        160; with it, at 102..154 instead of 128..192).
 
         Raises:
-            ValueError: ``factor`` is not positive.
+            ValueError: ``factor`` is not a positive finite number.
         """
-        if not factor > 0:
-            raise ValueError(f"a scale factor must be positive, got {factor}")
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"a scale factor must be positive and finite, got {factor}")
 
         def size(pixels: int) -> int:
             return max(1, round(pixels * factor))

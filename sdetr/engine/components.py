@@ -33,7 +33,9 @@ class TrainingData:
     val: CocoDetection
     root: Path
     #: The train split's transforms at reduced sizes, for progressive resizing
-    #: (``TrainConfig.low_res_epochs``); None where the run does not use it.
+    #: (``TrainConfig.low_res_epochs``); None where the run does not use it. ``build_data`` makes
+    #: them from the config's scale and augmentation: whoever replaces ``train``'s transforms by
+    #: hand replaces these too.
     low_res_transforms: Callable[..., tuple[torch.Tensor, dict[str, Any]]] | None = None
 
     def train_split(self, low_res: bool = False) -> CocoDetection:
@@ -71,9 +73,9 @@ def build_data(config: TrainConfig, ctx: DistributedContext) -> TrainingData:
             generate_synthetic_coco(spec)
         distributed.barrier(ctx)  # the others wait for the main process, then read its folder
         root = synthetic_root(spec)
-        scale = config.scale or "synthetic"
     else:
-        root, scale = Path(config.coco_path), config.scale or "full"
+        root = Path(config.coco_path)
+    scale = config.scale_name()
     on_bad: OnBadData = "skip" if config.skip_bad_data else "error"
     cache = config.coco_path is None  # the synthetic set is small: decode each image once, not every epoch
     train = CocoDetection(CocoPaths(root, "train"), build_transforms(scale, True, config.augments()), on_bad, cache)

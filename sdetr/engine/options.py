@@ -13,6 +13,9 @@ from sdetr.data.transforms import SCALES
 from sdetr.engine.schedule import ScheduleName
 from sdetr.typed_fields import ConfigError, check_fields, field_types, unknown_field_message
 
+#: The smallest image side progressive resizing may train at: one cell of the backbone's stride-32 grid.
+MIN_LOW_RES_SIDE = 32
+
 #: Autocast precision of the training forward; "auto" is bf16 where the device runs it natively, else fp32.
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -51,8 +54,8 @@ class TrainConfig:
     # 16 train at lr 1e-3: AP50 0.391 -> 0.416 against 5e-4 without warm-up (docs/results.md).
     warmup_steps: int = 150
     # Images per process. The quickstart's 16: an epoch takes 45 s instead of batch 4's 68 s on 2
-    # cores (larger matrix products), so 12 epochs fit the 10 minutes where batch 4 runs 8; they
-    # reach AP50 0.391 against batch 4's 0.343 at lr 5e-4 (docs/results.md), though per epoch batch 16
+    # cores (larger matrix products); measured with 12 full-size epochs against batch 4's 8 in the
+    # same time, AP50 0.391 against 0.343 at lr 5e-4 (docs/results.md), though per epoch batch 16
     # learns less.
     batch_size: int = 16
     lr: float = 1e-3
@@ -137,6 +140,7 @@ class TrainConfig:
             raise ConfigError(f"--ema_decay {self.ema_decay}: use 0 (off) or a decay in (0, 1), e.g. 0.998")
         if self.scale is not None and self.scale not in SCALES:
             raise ConfigError(f"--scale {self.scale!r}: use one of {', '.join(SCALES)}")
+        self._check_low_res()
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -148,6 +152,34 @@ class TrainConfig:
             get_config(self.preset, **self.model_overrides)  # an unknown preset, field or a wrong type
         except ConfigError as error:
             raise type(error)(f"model overrides (--preset {self.preset} --set ...): {error}") from None
+
+    def _check_low_res(self) -> None:
+        """Progressive resizing must end at full size and keep images larger than the backbone's stride."""
+        if self.low_res_epochs == 0 or self.low_res_factor == 1.0 or self.eval_only:
+            return
+        if self.low_res_epochs >= self.epochs:
+            raise ConfigError(
+                f"--low_res_epochs {self.low_res_epochs} with --epochs {self.epochs}: the last epoch must train "
+                f"at full size, the size the model is evaluated at; use --low_res_epochs {self.epochs - 1} or "
+                "fewer (0: off)"
+            )
+        sizes = SCALES[self.scale_name()]
+        smallest = min(*sizes.train_sizes, sizes.val_size)
+        scaled = sizes.scaled(self.low_res_factor)
+        if min(*scaled.train_sizes, scaled.val_size) < MIN_LOW_RES_SIDE:
+            raise ConfigError(
+                f"--low_res_factor {self.low_res_factor}: the {self.scale_name()!r} scale's smallest size "
+                f"({smallest} px) would become {min(*scaled.train_sizes, scaled.val_size)} px, under "
+                f"{MIN_LOW_RES_SIDE} px (one stride-32 cell); use a factor of at least "
+                f"{MIN_LOW_RES_SIDE / smallest:.2f}"
+            )
+
+    def scale_name(self) -> str:
+        """The transforms' scale preset: ``scale``, or when None, ``synthetic`` for the embedded set
+        and ``full`` for COCO."""
+        if self.scale is not None:
+            return self.scale
+        return "synthetic" if self.coco_path is None else "full"
 
     def augments(self) -> bool:
         """Whether the train split is augmented: ``augment``, or when None, only for COCO."""

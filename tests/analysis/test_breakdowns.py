@@ -193,7 +193,13 @@ def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainerRun
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SDETR_CACHE", str(root / "cache"))
         config = TrainConfig(
-            synthetic_train=2, synthetic_val=4, epochs=1, batch_size=2, output_dir=str(root / "out"), device="cpu"
+            synthetic_train=2,
+            synthetic_val=4,
+            epochs=1,
+            low_res_epochs=0,
+            batch_size=2,
+            output_dir=str(root / "out"),
+            device="cpu",
         )
         trainer = Trainer.from_config(config)
         stats, _ = trainer.evaluate(save_detections=root / "detections_val.json")

@@ -89,6 +89,6 @@ def test_scaled_scale_multiplies_every_size_and_rounds() -> None:
     image, target = _scene([[10, 20, 60, 70]], height=96, width=128)
     pixels, out = build_transforms(small, train=True, augment=False)(image, target)
     assert pixels.shape == (3, 128, 170) and out["size"].tolist() == [128, 170]  # 128 * 4 / 3 = 170.7, truncated
-    for bad in (0.0, -0.5):
-        with pytest.raises(ValueError, match="positive"):
+    for bad in (0.0, -0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="positive and finite"):
             SCALES["synthetic"].scaled(bad)

@@ -19,7 +19,8 @@ from sdetr.engine.trainer import CHECKPOINT_NAME
 REPO = Path(__file__).resolve().parents[2]
 #: 4 training images in one step per epoch, 3 epochs, augmentation on (RNG state matters).
 ARGS = [
-    "--epochs", "3", "--lr_drop", "2", "--batch_size", "4", "--max_train_images", "4", "--eval_every", "0",
+    "--epochs", "3", "--lr_drop", "2", "--low_res_epochs", "0", "--batch_size", "4", "--max_train_images", "4",
+    "--eval_every", "0",
     "--synthetic_train", "4", "--synthetic_val", "1", "--device", "cpu", "--seed", "3", "--augment",
     "--set", "hidden_dim=32", "--set", "ffn_dim=32", "--set", "num_queries=6",
 ]  # fmt: skip

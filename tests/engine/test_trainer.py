@@ -170,6 +170,35 @@ def test_progressive_resizing_trains_its_first_epochs_smaller_and_evaluates_at_f
     assert [trainer.low_res(epoch) for epoch in range(3)] == [True, True, False]
 
 
+def test_a_run_interrupted_in_its_low_res_epochs_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped after the first of two half-size epochs and resumed: the weights of a straight run."""
+
+    def config_for(output: Path, **changes: object) -> TrainConfig:
+        return small_config(output, epochs=3, low_res_epochs=2, low_res_factor=0.5, **changes)
+
+    Trainer.from_config(config_for(tmp_path / "straight")).run()
+    first = Trainer.from_config(config_for(tmp_path / "split"))
+    train_one_epoch = first.train_one_epoch
+
+    def interrupted(epoch: int) -> dict[str, float]:
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return train_one_epoch(epoch)
+
+    monkeypatch.setattr(first, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    resumed = Trainer.from_config(config_for(tmp_path / "split", resume=str(tmp_path / "split" / CHECKPOINT_NAME)))
+    assert resumed.start_epoch == 1 and resumed.low_res(1) and not resumed.low_res(2)
+    resumed.run()
+    straight, split = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
+    assert straight.keys() == split.keys()
+    for key in straight:
+        assert torch.equal(straight[key], split[key]), key
+
+
 def test_low_res_epochs_need_the_smaller_transforms(tmp_path: Path) -> None:
     config = small_config(tmp_path, low_res_epochs=1)
     ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -220,6 +249,7 @@ def test_two_gloo_processes_equal_one_process_with_the_combined_batch(tmp_path: 
     _two_object_coco(tmp_path / "coco")
     common = [
         "--coco_path", str(tmp_path / "coco"), "--scale", "synthetic", "--no_augment", "--epochs", "1",
+        "--low_res_epochs", "0",
         "--eval_every", "0", "--device", "cpu", "--seed", "5", "--lr", str(LR), "--lr_backbone", str(LR),
         "--precision", "fp32",  # the tolerance below was measured in float32
         "--denoising_groups", "0",  # each process draws its own box noise: no single-process equal
@@ -357,6 +387,7 @@ def test_denoising_queries_train_under_two_gloo_processes(tmp_path: Path) -> Non
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
         f"--master_port={_free_port()}", str(REPO / "train.py"), "--coco_path", str(tmp_path / "coco"),
         "--scale", "synthetic", "--no-augment", "--epochs", "2", "--lr_drop", "5", "--eval_every", "0",
+        "--low_res_epochs", "0",
         "--device", "cpu", "--batch_size", "2", "--denoising_groups", "2", "--precision", "fp32",
         "--set", "hidden_dim=32", "--set", "ffn_dim=32", "--set", "num_queries=6",
         "--output_dir", str(tmp_path / "two"),

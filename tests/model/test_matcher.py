@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -91,9 +92,5 @@ def test_batched_costs_equal_per_image_costs_bit_for_bit(
 
 def test_a_target_list_of_another_length_is_refused() -> None:
     outputs, targets = _random_case(0, 3, 2)
-    try:
+    with pytest.raises(ValueError, match="1 images of predictions but 2 targets"):
         HungarianMatcher()(outputs, targets * 2)
-    except ValueError as error:
-        assert "1 images of predictions but 2 targets" in str(error)
-    else:
-        raise AssertionError("no error")
