@@ -163,15 +163,14 @@ class TrainConfig:
                 f"at full size, the size the model is evaluated at; use --low_res_epochs {self.epochs - 1} or "
                 "fewer (0: off)"
             )
-        sizes = SCALES[self.scale_name()]
-        smallest = min(*sizes.train_sizes, sizes.val_size)
-        scaled = sizes.scaled(self.low_res_factor)
-        if min(*scaled.train_sizes, scaled.val_size) < MIN_LOW_RES_SIDE:
+        name = self.scale_name()
+        full, small = SCALES[name], SCALES[name].scaled(self.low_res_factor)
+        smallest, smallest_scaled = min(*full.train_sizes, full.val_size), min(*small.train_sizes, small.val_size)
+        if smallest_scaled < MIN_LOW_RES_SIDE:
             raise ConfigError(
-                f"--low_res_factor {self.low_res_factor}: the {self.scale_name()!r} scale's smallest size "
-                f"({smallest} px) would become {min(*scaled.train_sizes, scaled.val_size)} px, under "
-                f"{MIN_LOW_RES_SIDE} px (one stride-32 cell); use a factor of at least "
-                f"{MIN_LOW_RES_SIDE / smallest:.2f}"
+                f"--low_res_factor {self.low_res_factor}: the {name!r} scale's smallest size ({smallest} px) "
+                f"would become {smallest_scaled} px, under {MIN_LOW_RES_SIDE} px (one stride-32 cell); use a "
+                f"factor of at least {MIN_LOW_RES_SIDE / smallest:.2f}"
             )
 
     def scale_name(self) -> str:

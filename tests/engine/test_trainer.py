@@ -57,6 +57,13 @@ def final_state(output: Path) -> dict[str, torch.Tensor]:
     return torch.load(output / CHECKPOINT_NAME, weights_only=True)["model"]
 
 
+def assert_same_weights(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor]) -> None:
+    """The same parameter names and every tensor equal bit for bit."""
+    assert one.keys() == two.keys()
+    for key in one:
+        assert torch.equal(one[key], two[key]), key
+
+
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     """2 epochs straight == 1 epoch, resume, 1 more (augmentation on: RNG state is restored)."""
     Trainer.from_config(small_config(tmp_path / "straight")).run()
@@ -67,9 +74,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert resumed.start_epoch == 1 and resumed.scheduler.last_epoch == resumed.schedule.steps_per_epoch
     resumed.run()
     straight, split = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
-    assert straight.keys() == split.keys()
-    for key in straight:
-        assert torch.equal(straight[key], split[key]), key
+    assert_same_weights(straight, split)
     assert not torch.equal(straight["class_embed.weight"], first_half["model"]["class_embed.weight"])
     log = [json.loads(line) for line in (tmp_path / "split" / "log.txt").read_text().splitlines()]
     assert [entry["epoch"] for entry in log] == [0, 1]
@@ -194,9 +199,7 @@ def test_a_run_interrupted_in_its_low_res_epochs_resumes_exactly(
     assert resumed.start_epoch == 1 and resumed.low_res(1) and not resumed.low_res(2)
     resumed.run()
     straight, split = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
-    assert straight.keys() == split.keys()
-    for key in straight:
-        assert torch.equal(straight[key], split[key]), key
+    assert_same_weights(straight, split)
 
 
 def test_low_res_epochs_need_the_smaller_transforms(tmp_path: Path) -> None:
