@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import colorsys
+import io
 import json
 from pathlib import Path
 
@@ -9,11 +10,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from sdetr.config import ConfigError
 from sdetr.data import BadDataError, SyntheticSpec, generate_synthetic_coco, load_coco, synthetic_image
 from sdetr.data.__main__ import main as generate_command
-from sdetr.data.synthetic import CLASS_HUES, CLASSES, HUE_SPREAD, fill_colour
+from sdetr.data.synthetic import CLASS_HUES, CLASSES, HUE_SPREAD, WRITES_IN_FLIGHT, fill_colour, render_scene
 
 
 def test_synthetic_image_deterministic_and_in_range() -> None:
@@ -54,6 +56,37 @@ def test_deterministic_and_cached(tmp_path: Path) -> None:
         (other / "annotations" / "instances_train2017.json").read_text()
     )
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no half-built folders
+
+
+def test_files_are_the_scenes_rendered_in_order_whatever_the_writer_thread(tmp_path: Path) -> None:
+    """The background writer saves each scene under its own name: the same bytes as rendering and
+    saving one after the other from the split's seed."""
+    spec = SyntheticSpec(num_train=2 * WRITES_IN_FLIGHT + 3, num_val=2, seed=4)
+    root = generate_synthetic_coco(spec, tmp_path)
+    rng = np.random.default_rng(spec.seed)
+    for index in range(spec.num_train):
+        image, _ = render_scene(rng, spec)
+        expected = io.BytesIO()
+        image.save(expected, format="png")
+        assert (root / "train2017" / f"{index:06d}.png").read_bytes() == expected.getvalue(), index
+
+
+def test_a_failed_image_write_stops_generation_and_leaves_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = Image.Image.save
+    saved: list[object] = []
+
+    def failing(self: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
+        if len(saved) == 3:
+            raise OSError(28, "No space left on device")
+        saved.append(fp)
+        original(self, fp, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image.Image, "save", failing)
+    with pytest.raises(OSError, match="No space left on device"):
+        generate_synthetic_coco(SyntheticSpec(num_train=12, num_val=2, seed=4), tmp_path)
+    assert list(tmp_path.iterdir()) == []  # neither the set nor its half-built folder
 
 
 def test_generator_command(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
