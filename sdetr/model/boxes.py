@@ -28,11 +28,10 @@ def box_losses(predicted: Tensor, wanted: Tensor, count: Tensor | float) -> tupl
 def pairwise_giou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Generalised IoU of every pair: ``[N, 4]``, ``[M, 4]`` xyxy -> ``[N, M]``.
 
-    Raises a clear error on degenerate boxes (x1 < x0 or y1 < y0, or not finite), which would give NaN.
+    Raises a clear error on degenerate boxes (x1 < x0 or y1 < y0, or a NaN coordinate), which would give NaN.
+    An infinite coordinate is not caught here (predicted boxes are sigmoid outputs, in [0, 1]).
     """
     for name, boxes in (("boxes1", boxes1), ("boxes2", boxes2)):
         if not (boxes[:, 2:] >= boxes[:, :2]).all():
-            raise ValueError(
-                f"{name} has non-finite boxes or boxes with x1 < x0 or y1 < y0; GIoU needs valid xyxy boxes"
-            )
+            raise ValueError(f"{name} has NaN boxes or boxes with x1 < x0 or y1 < y0; GIoU needs valid xyxy boxes")
     return generalized_box_iou(boxes1, boxes2)
