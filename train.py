@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="groups of DN-DETR denoising queries in training (0: off, the original recipe; default 20)",
     )
     p.add_argument(
+        "--query_groups",
+        type=int,
+        help="groups of object queries in training, the model's own included (Group DETR; 1: off, the original "
+        "recipe; default 3)",
+    )
+    p.add_argument(
         "--ema_decay",
         type=float,
         help="evaluate and save an EMA of the weights with this decay (0: off, the original recipe; default 0.99)",

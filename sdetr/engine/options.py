@@ -76,6 +76,9 @@ class TrainConfig:
     # Denoising queries (DN-DETR, sdetr.model.denoising): noisy copies of each object, in this many
     # groups, reconstructed by the decoder without matching; 0 is off (the original recipe).
     denoising_groups: int = 20
+    # Extra groups of object queries (Group DETR, sdetr.model.query_groups), each matched one-to-one
+    # on its own; the number of groups with the model's own, 1 is off (the original recipe).
+    query_groups: int = 3
     precision: Precision = "auto"  # of training steps; evaluation always runs in float32
     compile: bool = False  # torch.compile the backbone and stages (opt-in; minutes of compiling first)
     output_dir: str = "outputs"
@@ -109,6 +112,7 @@ class TrainConfig:
             "probe_every",
             "probe_images",
             "one_to_many",
+            "query_groups",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -215,6 +219,7 @@ ORIGINAL_RECIPE = {
     "ema_decay": 0.0,
     "augment": True,
     "denoising_groups": 0,
+    "query_groups": 1,
     "low_res_epochs": 0,
     "schedule": "step",
     "scale": "full",
@@ -234,4 +239,5 @@ BEFORE_THE_OPTION = {
     "denoising_groups": 0,
     "augment": True,
     "low_res_epochs": 0,
+    "query_groups": 1,
 }

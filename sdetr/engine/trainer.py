@@ -36,6 +36,7 @@ from sdetr.model.criterion import SetCriterion
 from sdetr.model.denoising import Denoiser, DenoisingBatch
 from sdetr.model.detector import Detector
 from sdetr.model.postprocess import postprocess
+from sdetr.model.query_groups import QueryGroups
 
 #: The files a run writes in ``output_dir`` (probe recordings go to ``RECORDINGS_DIR`` there).
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -51,8 +52,10 @@ RESUME_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "epoch", "rng", "
 #: these entries hold the raw trained weights and the number of averaged updates, for ``--resume``.
 TRAINING_WEIGHTS_KEY = "training_model"
 AVERAGE_UPDATES_KEY = "average_updates"
-#: The denoising-query embeddings (``denoising_groups`` > 0), for ``--resume``; not part of the model.
+#: The training-only query modules, not part of the model, saved under these keys for ``--resume``:
+#: the denoising-query embeddings (``denoising_groups`` > 0) and the extra query groups (``query_groups`` > 1).
 DENOISER_KEY = "denoiser"
+QUERY_GROUPS_KEY = "query_groups"
 #: Device types whose AdamW has a fused implementation (the quickstart's step: 1.05x on the CPU, README "Speed").
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
@@ -181,14 +184,23 @@ class Trainer:
         self.start_epoch = 0
         self.n_parameters = count_parameters(self.model)
         #: Makes the training-only denoising queries (``denoising_groups`` > 0); not part of the model.
+        dims = model.config
         self.denoiser: Denoiser | None = None
         if config.denoising_groups > 0 and not config.eval_only:
-            dims = model.config
             self.denoiser = Denoiser(dims.num_classes, dims.hidden_dim, dims.num_queries, config.denoising_groups)
-            self.denoiser.to(ctx.device)
+        #: Makes Group DETR's extra query groups (``query_groups`` > 1); not part of the model.
+        self.query_groups: QueryGroups | None = None
+        if config.query_groups > 1 and not config.eval_only:
+            self.query_groups = QueryGroups(dims.num_queries, dims.hidden_dim, config.query_groups)
+        #: The training-only modules by checkpoint key: trained, wrapped, saved and resumed beside the model.
+        self.training_modules: dict[str, nn.Module] = {
+            key: module.to(ctx.device)
+            for key, module in ((DENOISER_KEY, self.denoiser), (QUERY_GROUPS_KEY, self.query_groups))
+            if module is not None
+        }
         backbone = [p for n, p in self.model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
-        rest += [] if self.denoiser is None else list(self.denoiser.parameters())
+        rest += [p for module in self.training_modules.values() for p in module.parameters()]
         self.optimizer = torch.optim.AdamW(
             [{"params": rest, "lr": config.lr}, {"params": backbone, "lr": config.lr_backbone}],
             lr=config.lr,
@@ -209,12 +221,13 @@ class Trainer:
         averaging = config.ema_decay > 0 and not config.eval_only
         self.average = weight_average(model, config.ema_decay) if averaging else None
         self.ddp: nn.Module = self.model
-        self.denoiser_ddp: nn.Module | None = self.denoiser
+        #: The training-only modules as called in training steps (DDP-wrapped with several processes).
+        self.training_calls: dict[str, nn.Module] = dict(self.training_modules)
         if self.ctx.enabled:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
-            if self.denoiser is not None:  # its gradients are averaged over processes too
-                self.denoiser_ddp = DistributedDataParallel(self.denoiser, device_ids=ids)
+            for key, module in self.training_modules.items():  # their gradients are averaged over processes too
+                self.training_calls[key] = DistributedDataParallel(module, device_ids=ids)
         if config.resume and not config.eval_only:
             self._resume(Path(config.resume))
         elif config.overwrite and self.ctx.is_main:
@@ -309,8 +322,9 @@ class Trainer:
             if self.average is not None and TRAINING_WEIGHTS_KEY in state:
                 self.average.module.load_state_dict(state["model"])
                 self.average.n_averaged.fill_(int(state.get(AVERAGE_UPDATES_KEY, 0)))
-            if self.denoiser is not None and DENOISER_KEY in state:
-                self.denoiser.load_state_dict(state[DENOISER_KEY])
+            for key, module in self.training_modules.items():
+                if key in state:
+                    module.load_state_dict(state[key])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             rng = state["rng"][self.ctx.rank] if self.ctx.rank < len(state["rng"]) else state["rng"][0]
@@ -391,7 +405,7 @@ class Trainer:
         for images, targets in bar:
             images = [image.to(self.ctx.device) for image in images]
             targets = _targets_to(targets, self.ctx.device)
-            denoising = None if self.denoiser_ddp is None else self.denoiser_ddp(targets)
+            denoising = self.training_queries(targets)
             outputs = self._forward(images, train=True, denoising=denoising)
             self._check_outputs(outputs, f"epoch {epoch}, step {averages.steps}")  # before the matcher sees them
             losses = self.criterion(outputs, targets, one_to_many=self.one_to_many(epoch), denoising=denoising)
@@ -419,6 +433,14 @@ class Trainer:
         means = averages.means()
         means["lr"] = used_lr
         return means
+
+    def training_queries(self, targets: list[dict[str, Any]]) -> DenoisingBatch | None:
+        """The batch's training-only decoder queries: the extra query groups, then the denoising
+        queries (either may be off; None when both are, or when only denoising is on and no image
+        has an object)."""
+        denoiser, groups = self.training_calls.get(DENOISER_KEY), self.training_calls.get(QUERY_GROUPS_KEY)
+        queries = None if denoiser is None else denoiser(targets)
+        return queries if groups is None else groups(len(targets), queries)
 
     def low_res(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` trains at reduced sizes (progressive resizing)."""
@@ -477,9 +499,7 @@ class Trainer:
         rng = distributed.gather_objects([_rng_state()], self.ctx)
         if not self.ctx.is_main:
             return None
-        extra: dict[str, Any] = {}
-        if self.denoiser is not None:
-            extra[DENOISER_KEY] = self.denoiser.state_dict()
+        extra: dict[str, Any] = {key: module.state_dict() for key, module in self.training_modules.items()}
         if self.average is not None:
             extra[TRAINING_WEIGHTS_KEY] = self.model.state_dict()
             extra[AVERAGE_UPDATES_KEY] = int(self.average.n_averaged)

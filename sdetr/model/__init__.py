@@ -8,6 +8,7 @@ from sdetr.model.detector import Detector, Stage
 from sdetr.model.images import ImageBatch, normalize_image
 from sdetr.model.matcher import HungarianMatcher
 from sdetr.model.postprocess import postprocess
+from sdetr.model.query_groups import QueryGroups
 
 __all__ = [
     "BACKBONE_SPEEDS",
@@ -21,6 +22,7 @@ __all__ = [
     "Detector",
     "HungarianMatcher",
     "ImageBatch",
+    "QueryGroups",
     "SetCriterion",
     "Stage",
     "attention_weights",

@@ -108,11 +108,27 @@ class SetCriterion(nn.Module):
             "loss_giou": loss_giou,
         }
 
+    def group_losses(
+        self, output: dict, targets: list[Target], num_queries: int, groups: int, num_boxes: float
+    ) -> dict[str, Tensor]:
+        """Losses of one decoder layer's extra query groups (Group DETR), the first ``groups *
+        num_queries`` of its ``pred_logits [B, D, C+1]`` and ``pred_boxes [B, D, 4]``: each group
+        matched one-to-one to ``targets`` on its own and given DETR's losses, summed over the groups
+        (each group is trained as the model's own queries are)."""
+        summed: dict[str, Tensor] = {}
+        for group in range(groups):
+            part = slice(group * num_queries, (group + 1) * num_queries)
+            predictions = {key: output[key][:, part] for key in ("pred_logits", "pred_boxes")}  # [B, Q, ...]
+            for key, value in self.single_output_losses(predictions, targets, num_boxes).items():
+                if key in self.config.weights:
+                    summed[key] = summed[key] + value if key in summed else value
+        return summed
+
     def loss_weight(self, key: str) -> float | None:
-        """Weight of a loss key (``loss_giou_3`` -> weight of ``loss_giou``, ``loss_ce_dn2`` -> weight
-        of ``loss_ce``, ``loss_ce_enc2`` -> weight of ``loss_ce`` times ``encoder_weight``); None
-        for metrics."""
-        weight = self.config.weights.get(re.sub(r"_(enc|dn)?\d+$", "", key))
+        """Weight of a loss key (``loss_giou_3`` -> weight of ``loss_giou``, ``loss_ce_dn2`` and
+        ``loss_ce_group2`` -> weight of ``loss_ce``, ``loss_ce_enc2`` -> weight of ``loss_ce`` times
+        ``encoder_weight``); None for metrics."""
+        weight = self.config.weights.get(re.sub(r"_(enc|dn|group)?\d+$", "", key))
         if weight is not None and re.search(r"_enc\d+$", key):
             weight *= self.config.encoder_weight
         return weight
@@ -148,8 +164,17 @@ class SetCriterion(nn.Module):
                 stage_losses = encoder_losses(dense, targets, self.num_classes, self.empty_weight)
                 losses.update({f"{k}_enc{stage}": v for k, v in stage_losses.items()})
         if denoising is not None:
+            queries = outputs["pred_logits"].shape[1]
+            groups = denoising.query_groups
+            has_denoising_queries = denoising.labels.shape[1] > groups * queries  # after the extra groups
+            num_plain = self.num_boxes(targets, outputs["pred_logits"].device) if groups else 1.0
             for index, output in enumerate(outputs["denoising"]):
-                losses.update({f"{k}_dn{index}": v for k, v in self.denoising_losses(output, denoising).items()})
+                if has_denoising_queries:
+                    dn = self.denoising_losses(output, denoising)
+                    losses.update({f"{k}_dn{index}": v for k, v in dn.items()})
+                if groups:
+                    grouped = self.group_losses(output, targets, queries, groups, num_plain)
+                    losses.update({f"{k}_group{index}": v for k, v in grouped.items()})
         weighted = [value * w for key, value in losses.items() if (w := self.loss_weight(key)) is not None]
         losses["total"] = torch.stack(weighted).sum()
         return losses

@@ -42,6 +42,8 @@ class DenoisingBatch:
             self-attention (the ``Q`` matching queries come first).
         labels: ``[B, D]`` class of the object each query must reconstruct, ``IGNORE`` on padding.
         boxes: ``[B, D, 4]`` its true box (cx, cy, w, h in [0, 1]); zeros on padding.
+        query_groups: ``G``, extra groups of ``Q`` matched queries placed before the denoising
+            queries (Group DETR, :mod:`sdetr.model.query_groups`); their labels are ``IGNORE``.
     """
 
     content: Tensor
@@ -49,6 +51,7 @@ class DenoisingBatch:
     self_attn_mask: Tensor
     labels: Tensor
     boxes: Tensor
+    query_groups: int = 0
 
 
 def sine_box_embedding(boxes: Tensor, channels: int, temperature: float = 10000.0) -> Tensor:

@@ -24,6 +24,7 @@ def test_fits_eight_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         encoder_loss=0.0, synthetic_class_hues=False,  # DETR's own criterion alone, on the harder any-colour set
         one_to_many_epochs=0,  # and its one-to-one matching throughout,
         denoising_groups=0, ema_decay=0.0,  # no denoising queries, the raw weights evaluated
+        query_groups=1,  # and no extra query groups
     )  # fmt: skip
     trainer = Trainer.from_config(config)
     first = trainer.train_one_epoch(0)
@@ -51,7 +52,7 @@ def test_dense_encoder_losses_fit_eight_images(tmp_path: Path, monkeypatch: pyte
         precision="fp32",  # the thresholds were measured in float32
         synthetic_train=8, synthetic_val=2, batch_size=4, epochs=30, lr_drop=1000, eval_every=0, augment=False,
         lr=5e-4, lr_backbone=5e-4, warmup_steps=0, low_res_epochs=0,  # as measured
-        output_dir=str(tmp_path / "out"), device="cpu", denoising_groups=0,  # as measured
+        output_dir=str(tmp_path / "out"), device="cpu", denoising_groups=0, query_groups=1,  # as measured
     )  # fmt: skip
     assert config.encoder_loss > 0
     trainer = Trainer.from_config(config)

@@ -319,8 +319,10 @@ def test_the_trainer_uses_the_parts_it_is_handed(tmp_path: Path) -> None:
     assert trainer.model is model and trainer.data is data and trainer.criterion is criterion and trainer.ctx is ctx
     assert trainer.notes == ["a note"] and trainer.start_epoch == 0
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert trainer.denoiser is not None  # the quickstart's denoising queries: their embeddings train too
-    trained = [p for p in model.parameters() if p.requires_grad] + list(trainer.denoiser.parameters())
+    # the quickstart's denoising queries and extra query groups: their embeddings train too
+    assert trainer.denoiser is not None and trainer.query_groups is not None
+    extra = [*trainer.denoiser.parameters(), *trainer.query_groups.parameters()]
+    trained = [p for p in model.parameters() if p.requires_grad] + extra
     assert optimised == {id(p) for p in trained}
     before = model.class_embed.weight.detach().clone()
     stats = trainer.train_one_epoch(0)
@@ -359,39 +361,45 @@ def test_evaluation_runs_in_float32_whatever_the_training_precision(tmp_path: Pa
     assert bf16.evaluate()[1] == fp32.evaluate()[1]  # the validation losses, to the last bit
 
 
-def test_denoising_queries_are_trained_saved_and_resumed_exactly(tmp_path: Path) -> None:
-    """With ``denoising_groups``: the criterion gets the denoising losses, the denoiser's embeddings
-    are optimised and saved outside the model, and a resumed run equals a straight one."""
-    config = small_config(tmp_path / "straight", denoising_groups=2)
-    trainer = Trainer.from_config(config)
-    assert trainer.denoiser is not None
+def test_denoising_queries_and_query_groups_are_trained_saved_and_resumed_exactly(tmp_path: Path) -> None:
+    """With ``denoising_groups`` and ``query_groups``: the criterion gets the denoising and group
+    losses, the embeddings are optimised and saved outside the model, and a resumed run equals a
+    straight one."""
+    queries = {"denoising_groups": 2, "query_groups": 2}
+    trainer = Trainer.from_config(small_config(tmp_path / "straight", **queries))
+    assert trainer.denoiser is not None and trainer.query_groups is not None
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert {id(p) for p in trainer.denoiser.parameters()} <= optimised
+    assert {id(p) for p in [*trainer.denoiser.parameters(), *trainer.query_groups.parameters()]} <= optimised
     before = trainer.denoiser.label_embed.weight.detach().clone()
+    groups_before = trainer.query_groups.position.detach().clone()
     entries = trainer.run()
     assert "train_loss_giou_dn0" in entries[0] and "train_loss_ce_dn3" in entries[0]
+    assert "train_loss_giou_group0" in entries[0] and "train_loss_ce_group3" in entries[0]
     assert not torch.equal(before, trainer.denoiser.label_embed.weight)
+    assert not torch.equal(groups_before, trainer.query_groups.position)
     saved = torch.load(tmp_path / "straight" / CHECKPOINT_NAME, weights_only=True)
     assert not [key for key in saved["model"] if "denoiser" in key or "label_embed" in key]  # not in the model
-    Trainer.from_config(small_config(tmp_path / "split", epochs=1, denoising_groups=2)).run()
+    assert set(saved["query_groups"]) == {"position"} and "position" not in saved["model"]
+    Trainer.from_config(small_config(tmp_path / "split", epochs=1, **queries)).run()
     split_path = tmp_path / "split" / CHECKPOINT_NAME
-    Trainer.from_config(small_config(tmp_path / "split", denoising_groups=2, resume=str(split_path))).run()
+    Trainer.from_config(small_config(tmp_path / "split", resume=str(split_path), **queries)).run()
     split = torch.load(split_path, weights_only=True)
-    for entry in ("model", "denoiser"):
+    for entry in ("model", "denoiser", "query_groups"):
         for key, value in saved[entry].items():
             assert torch.equal(value, split[entry][key]), (entry, key)
 
 
-def test_denoising_queries_train_under_two_gloo_processes(tmp_path: Path) -> None:
-    """The denoiser has its own DDP wrapper: two steps on two processes run (a parameter without a
-    reduced gradient would stop the second step) and the checkpoint holds its embeddings."""
+def test_denoising_queries_and_query_groups_train_under_two_gloo_processes(tmp_path: Path) -> None:
+    """The denoiser and the query groups have their own DDP wrappers: two steps on two processes run
+    (a parameter without a reduced gradient would stop the second step) and the checkpoint holds
+    their embeddings."""
     _two_object_coco(tmp_path / "coco")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
         f"--master_port={_free_port()}", str(REPO / "train.py"), "--coco_path", str(tmp_path / "coco"),
         "--scale", "synthetic", "--no-augment", "--epochs", "2", "--lr_drop", "5", "--eval_every", "0",
         "--low_res_epochs", "0",
-        "--device", "cpu", "--batch_size", "2", "--denoising_groups", "2", "--precision", "fp32",
+        "--device", "cpu", "--batch_size", "2", "--denoising_groups", "2", "--query_groups", "2", "--precision", "fp32",
         "--set", "hidden_dim=32", "--set", "ffn_dim=32", "--set", "num_queries=6",
         "--output_dir", str(tmp_path / "two"),
     ]  # fmt: skip
@@ -400,6 +408,7 @@ def test_denoising_queries_train_under_two_gloo_processes(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "two" / "log.txt").read_text().splitlines()]
     assert len(log) == 2 and all(np.isfinite(entry["train_loss_giou_dn3"]) for entry in log)
+    assert all(np.isfinite(entry["train_loss_giou_group3"]) for entry in log)
     saved = torch.load(tmp_path / "two" / CHECKPOINT_NAME, weights_only=True)
     assert set(saved["denoiser"]) == {
         "label_embed.weight",
@@ -408,6 +417,7 @@ def test_denoising_queries_train_under_two_gloo_processes(tmp_path: Path) -> Non
         "box_embed.2.weight",
         "box_embed.2.bias",
     }
+    assert set(saved["query_groups"]) == {"position"}
 
 
 def test_cpu_training_steps_run_the_math_attention_kernel_and_evaluation_does_not(tmp_path: Path) -> None:
