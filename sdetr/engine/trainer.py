@@ -183,8 +183,8 @@ class Trainer:
         self.notes: list[str] = list(notes)  # what the pre-flight changed or skipped (printed by the main process)
         self.start_epoch = 0
         self.n_parameters = count_parameters(self.model)
-        #: Makes the training-only denoising queries (``denoising_groups`` > 0); not part of the model.
         dims = model.config
+        #: Makes the training-only denoising queries (``denoising_groups`` > 0); not part of the model.
         self.denoiser: Denoiser | None = None
         if config.denoising_groups > 0 and not config.eval_only:
             self.denoiser = Denoiser(dims.num_classes, dims.hidden_dim, dims.num_queries, config.denoising_groups)
