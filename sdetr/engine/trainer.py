@@ -436,8 +436,7 @@ class Trainer:
 
     def training_queries(self, targets: list[dict[str, Any]]) -> DenoisingBatch | None:
         """The batch's training-only decoder queries: the extra query groups, then the denoising
-        queries (either may be off; None when both are, or when only denoising is on and no image
-        has an object)."""
+        queries (either may be off; None when both are)."""
         denoiser, groups = self.training_calls.get(DENOISER_KEY), self.training_calls.get(QUERY_GROUPS_KEY)
         queries = None if denoiser is None else denoiser(targets)
         return queries if groups is None else groups(len(targets), queries)

@@ -143,8 +143,10 @@ class SetCriterion(nn.Module):
         """The losses of every decoder output (and of the encoders with ``encoder_weight``).
 
         ``one_to_many`` overrides the config's for this call (the trainer's early epochs).
-        ``denoising``: the batch's denoising queries, whose predictions are ``outputs["denoising"]``;
-        adds ``loss_ce_dn{i}``, ``loss_bbox_dn{i}``, ``loss_giou_dn{i}`` for decoder layer ``i``.
+        ``denoising``: the batch's training-only queries, whose predictions are
+        ``outputs["denoising"]``: its denoising queries add ``loss_ce_dn{i}``, ``loss_bbox_dn{i}``,
+        ``loss_giou_dn{i}`` for decoder layer ``i``, its extra query groups (``query_groups`` > 0)
+        ``loss_ce_group{i}``, ``loss_bbox_group{i}``, ``loss_giou_group{i}`` (summed over the groups).
         """
         times = self.config.one_to_many if one_to_many is None else one_to_many
         matched = repeat_targets(targets, times, outputs["pred_logits"].shape[1])
@@ -167,7 +169,8 @@ class SetCriterion(nn.Module):
             queries = outputs["pred_logits"].shape[1]
             groups = denoising.query_groups
             has_denoising_queries = denoising.labels.shape[1] > groups * queries  # after the extra groups
-            num_plain = self.num_boxes(targets, outputs["pred_logits"].device) if groups else 1.0
+            # the groups are matched one-to-one to the targets themselves
+            num_plain = num_boxes if matched is targets else self.num_boxes(targets, outputs["pred_logits"].device)
             for index, output in enumerate(outputs["denoising"]):
                 if has_denoising_queries:
                     dn = self.denoising_losses(output, denoising)

@@ -33,7 +33,9 @@ IGNORE = -1
 
 @dataclass
 class DenoisingBatch:
-    """The denoising queries of one batch, ``D = groups * N`` of them (``N``: most objects in an image).
+    """The training-only decoder queries of one batch: ``D = G * Q + groups * N`` of them, the
+    ``query_groups`` extra groups of ``Q`` (none unless :mod:`sdetr.model.query_groups` added them),
+    then the denoising queries (``N``: most objects in an image, at least 1).
 
     Attributes:
         content: ``[B, D, E]`` stage-1 decoder start of each query (its noisy label's embedding).
@@ -103,11 +105,14 @@ class Denoiser(nn.Module):
         self.label_embed = nn.Embedding(num_classes, dim)
         self.box_embed = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, dim))
 
-    def forward(self, targets: list[Target]) -> DenoisingBatch | None:
-        """The batch's denoising queries, or None when no image has an object."""
-        size = max(len(t["labels"]) for t in targets)
-        if size == 0:
-            return None
+    def forward(self, targets: list[Target]) -> DenoisingBatch:
+        """The batch's denoising queries.
+
+        A batch with no object at all still gets one padded slot per group (label ``IGNORE``, no
+        loss), so that every process of a multi-process run calls the embeddings and the
+        denoising losses alike (DDP and the losses' cross-process means need that).
+        """
+        size = max(1, max(len(t["labels"]) for t in targets))
         device = self.label_embed.weight.device
         batch, count = len(targets), self.groups * size
         labels = torch.full((batch, size), IGNORE, dtype=torch.int64, device=device)

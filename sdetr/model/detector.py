@@ -80,7 +80,8 @@ class Stage(nn.Module):
             features: ``[B, C, H, W]`` backbone level; mask: ``[B, H, W]`` True = padded.
             tgt: ``[B, Q, E]`` decoder start (previous stage's output), or None for zeros
                 (``[B, Q + D, E]`` with denoising queries).
-            denoising: training-only denoising queries, appended after the ``Q`` matching ones.
+            denoising: training-only queries (denoising queries, and extra query groups before them),
+                appended after the ``Q`` matching ones.
         Returns:
             the normed output of every decoder layer, ``[L, B, Q, E]`` (``[L, B, Q + D, E]`` with
             denoising queries), and the encoder's output (the memory), ``[B, HW, E]``.
@@ -173,8 +174,9 @@ class Detector(nn.Module):
             mask: optional ``[B, H, W]`` bool pad mask (True = padded) for a tensor input.
             encoder_outputs: also apply the shared heads to every cell of each stage's encoder
                 output (for :mod:`sdetr.model.encoder_loss`; training only).
-            denoising: training-only denoising queries (:mod:`sdetr.model.denoising`); they never
-                change the matching queries' outputs (a self-attention mask hides them).
+            denoising: training-only queries: denoising queries (:mod:`sdetr.model.denoising`) and
+                extra query groups (:mod:`sdetr.model.query_groups`); they never change the matching
+                queries' outputs (a self-attention mask hides them).
         Returns:
             ``pred_logits [B, Q, num_classes + 1]``, ``pred_boxes [B, Q, 4]`` (cx, cy, w, h in
             [0, 1] of the unpadded image) and ``aux_outputs``, the earlier decoder layers'

@@ -89,13 +89,9 @@ class QueryGroups(nn.Module):
         boxes = position.new_zeros(batch_size, count, 4)
         previous = None if denoising is None else denoising.self_attn_mask
         mask = group_mask(self.num_queries, self.extra_groups, previous, position.device)
-        if denoising is None:
-            return DenoisingBatch(content, position, mask, labels, boxes, self.extra_groups)
-        return DenoisingBatch(
-            torch.cat((content, denoising.content), dim=1),
-            torch.cat((position, denoising.position), dim=1),
-            mask,
-            torch.cat((labels, denoising.labels), dim=1),
-            torch.cat((boxes, denoising.boxes), dim=1),
-            self.extra_groups,
-        )
+        parts = [content, position, labels, boxes]  # then the denoising queries' along dim 1, if any
+        if denoising is not None:
+            after = (denoising.content, denoising.position, denoising.labels, denoising.boxes)
+            parts = [torch.cat((part, more), dim=1) for part, more in zip(parts, after, strict=True)]
+        content, position, labels, boxes = parts
+        return DenoisingBatch(content, position, mask, labels, boxes, self.extra_groups)

@@ -37,7 +37,6 @@ def test_mask_by_hand() -> None:
 def test_queries_copy_each_object_per_group_with_padding() -> None:
     denoiser = Denoiser(num_classes=5, dim=16, num_queries=4, groups=3, label_noise=0.0, box_noise=0.0)
     batch = denoiser(TARGETS)
-    assert batch is not None
     assert batch.content.shape == batch.position.shape == (2, 6, 16)  # 3 groups x 2 slots
     assert batch.self_attn_mask.shape == (10, 10)
     assert batch.labels.tolist() == [[1, 3, 1, 3, 1, 3], [2, IGNORE, 2, IGNORE, 2, IGNORE]]
@@ -47,7 +46,12 @@ def test_queries_copy_each_object_per_group_with_padding() -> None:
     expected_position = denoiser.box_embed(sine_box_embedding(TARGETS[1]["boxes"][0], 8))
     torch.testing.assert_close(batch.position[1, 2], expected_position)
     assert torch.all(batch.content[1, 1] == 0) and torch.all(batch.position[1, 1] == 0)
-    assert denoiser([{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]) is None
+    empty = denoiser([{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}])
+    assert empty.labels.tolist() == [[IGNORE] * 3]  # one padded slot per group: no loss, the same calls
+    assert torch.all(empty.content == 0) and torch.all(empty.position == 0)
+    output = {"pred_logits": torch.randn(1, 3, 6), "pred_boxes": torch.rand(1, 3, 4)}  # [B, D, ...]
+    losses = SetCriterion(num_classes=5).denoising_losses(output, empty)
+    assert {key: float(value) for key, value in losses.items()} == {"loss_ce": 0.0, "loss_bbox": 0.0, "loss_giou": 0.0}
 
 
 @settings(max_examples=30, deadline=None)
@@ -93,7 +97,6 @@ def test_matching_outputs_do_not_change_with_denoising_queries(train: bool) -> N
 def test_denoising_losses_by_hand() -> None:
     criterion = SetCriterion(num_classes=3, config=CriterionConfig())
     batch = Denoiser(3, 16, 2, groups=1)(TARGETS[1:])  # one query: class 2, box [0.4, 0.6, 0.3, 0.3]
-    assert batch is not None
     logits = torch.tensor([[[0.0, 0.0, 2.0, 0.0]]])  # [B, D, C + 1]
     boxes = torch.tensor([[[0.5, 0.6, 0.3, 0.3]]])  # cx off by 0.1
     losses = criterion.denoising_losses({"pred_logits": logits, "pred_boxes": boxes}, batch)

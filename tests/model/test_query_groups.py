@@ -43,7 +43,6 @@ def test_mask_without_denoising_queries_is_block_diagonal() -> None:
 def test_batch_layout_groups_first_then_denoising() -> None:
     groups = QueryGroups(num_queries=4, dim=16, groups=3)
     denoising = Denoiser(5, 16, 4, groups=2, label_noise=0.0, box_noise=0.0)(TARGETS)
-    assert denoising is not None
     batch = groups(2, denoising)
     assert batch.query_groups == 2
     assert batch.content.shape == batch.position.shape == (2, 8 + 4, 16)  # 2 x 4 group queries, 2 x 2 denoising
@@ -86,17 +85,24 @@ def test_model_outputs_do_not_change_and_groups_do_not_see_each_other(train: boo
 
 
 def test_group_losses_by_hand() -> None:
-    criterion = SetCriterion(num_classes=3, config=CriterionConfig())
+    """Two groups of two queries, one object: each group is matched within its own slice."""
+    criterion = SetCriterion(num_classes=3, config=CriterionConfig())  # no-object weight 0.1
     target = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.6, 0.3, 0.3]])}]
-    # one query per group: group 0 right class, cx off by 0.1; group 1 exact box, its class behind
-    logits = torch.tensor([[[0.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 2.0]]])  # [B, 2 groups x 1, C + 1]
-    boxes = torch.tensor([[[0.5, 0.6, 0.3, 0.3], [0.4, 0.6, 0.3, 0.3]]])
-    losses = criterion.group_losses({"pred_logits": logits, "pred_boxes": boxes}, target, 1, 2, num_boxes=1.0)
-    expected_ce = -torch.log_softmax(logits[0, 0], -1)[2] - torch.log_softmax(logits[0, 1], -1)[2]
+    # group 0: [right class with cx off by 0.1, exact box with its class behind] -> the exact box wins
+    # group 1: [far away, same centre but a third of the side] -> the smaller box wins
+    logits = torch.tensor([[[0.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 3.0], [0.0, 1.0, 0.0, 1.0]]])
+    boxes = torch.tensor(
+        [[[0.5, 0.6, 0.3, 0.3], [0.4, 0.6, 0.3, 0.3], [0.9, 0.1, 0.05, 0.05], [0.4, 0.6, 0.1, 0.1]]]
+    )  # [B, 2 groups x 2, 4]
+    losses = criterion.group_losses({"pred_logits": logits, "pred_boxes": boxes}, target, 2, 2, num_boxes=1.0)
+    nll = -torch.log_softmax(logits[0], -1)  # [4 queries, C + 1]
+    # CE per group: the weighted mean over its 2 queries, the matched one (weight 1) targeting class
+    # 2 and the other (weight 0.1) "no object"; matched: query 1 in group 0, query 3 in group 1
+    expected_ce = (nll[1, 2] + 0.1 * nll[0, 3]) / 1.1 + (nll[3, 2] + 0.1 * nll[2, 3]) / 1.1
     torch.testing.assert_close(losses["loss_ce"], expected_ce)
-    torch.testing.assert_close(losses["loss_bbox"], torch.tensor(0.1))  # 0.1 + 0
-    # group 0's boxes [0.35, 0.45, 0.65, 0.75] vs [0.25, 0.45, 0.55, 0.75]: IoU 0.06 / 0.12; group 1 exact
-    torch.testing.assert_close(losses["loss_giou"], torch.tensor(1 - 0.06 / 0.12))
+    torch.testing.assert_close(losses["loss_bbox"], torch.tensor(0.0 + 0.4))  # exact; w and h 0.2 short
+    # query 3 [0.35, 0.55, 0.45, 0.65] inside the object [0.25, 0.45, 0.55, 0.75]: IoU = GIoU = 1/9
+    torch.testing.assert_close(losses["loss_giou"], torch.tensor(0.0 + 8 / 9))
     assert set(losses) == {"loss_ce", "loss_bbox", "loss_giou"}
     assert criterion.loss_weight("loss_giou_group3") == 2.0 and criterion.loss_weight("loss_bbox_group0") == 5.0
 
@@ -114,6 +120,10 @@ def test_criterion_adds_group_losses_per_decoder_layer_and_counts_them_in_the_to
         assert any("_dn" in key for key in losses) == (denoiser is not None)
         weighted = [value * w for key, value in losses.items() if key != "total" and (w := criterion.loss_weight(key))]
         torch.testing.assert_close(losses["total"], torch.stack(weighted).sum())
-        last_layer = {k: v[:, :40] for k, v in outputs["denoising"][-1].items()}  # the two extra groups
-        by_hand = criterion.group_losses(last_layer, TARGETS, 20, 2, num_boxes=3.0)  # 3 objects
-        torch.testing.assert_close(losses["loss_giou_group3"], by_hand["loss_giou"])
+        # the last layer's two extra groups, each scored as the model's own queries are (3 objects)
+        last = outputs["denoising"][-1]
+        each = [
+            criterion.single_output_losses({k: v[:, part] for k, v in last.items()}, TARGETS, 3.0)
+            for part in (slice(0, 20), slice(20, 40))
+        ]
+        torch.testing.assert_close(losses["loss_giou_group3"], each[0]["loss_giou"] + each[1]["loss_giou"])
