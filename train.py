@@ -92,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--query_groups",
         type=int,
-        help="groups of object queries in training, the model's own included (Group DETR; 1: off, the original "
-        "recipe; default 3)",
+        help="groups of object queries in training, the model's own included (Group DETR; 1: off, the default)",
     )
     p.add_argument(
         "--ema_decay",

@@ -77,7 +77,6 @@ class QuickRun:
             lr_backbone=self.lr,
             warmup_steps=0,  # as these runs were measured (TrainConfig's default warms up the quickstart)
             low_res_epochs=0,  # and trains its first epochs smaller
-            query_groups=1,  # nor adds Group DETR's query groups (the quickstart's since issue 10's ninth session)
             encoder_loss=self.encoder_loss,
             seed=self.seed,
             eval_every=0,

@@ -47,7 +47,7 @@ def test_quickstart_training_aids_can_be_switched_off() -> None:
     assert config_from_args([]).encoder_loss > 0 and config_from_args([]).synthetic_class_hues
     config = config_from_args(["--encoder_loss", "0", "--synthetic_any_colour"])
     assert config.encoder_loss == 0.0 and config.synthetic_class_hues is False
-    assert config_from_args([]).query_groups == 3 and config_from_args(["--query_groups", "1"]).query_groups == 1
+    assert config_from_args([]).query_groups == 1 and config_from_args(["--query_groups", "3"]).query_groups == 3
 
 
 def test_augmentation_is_off_on_the_synthetic_set_and_on_for_coco_unless_asked() -> None:

@@ -319,10 +319,9 @@ def test_the_trainer_uses_the_parts_it_is_handed(tmp_path: Path) -> None:
     assert trainer.model is model and trainer.data is data and trainer.criterion is criterion and trainer.ctx is ctx
     assert trainer.notes == ["a note"] and trainer.start_epoch == 0
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    # the quickstart's denoising queries and extra query groups: their embeddings train too
-    assert trainer.denoiser is not None and trainer.query_groups is not None
-    extra = [*trainer.denoiser.parameters(), *trainer.query_groups.parameters()]
-    trained = [p for p in model.parameters() if p.requires_grad] + extra
+    # the quickstart's denoising queries: their embeddings train too (no extra query groups by default)
+    assert trainer.denoiser is not None and trainer.query_groups is None
+    trained = [p for p in model.parameters() if p.requires_grad] + list(trainer.denoiser.parameters())
     assert optimised == {id(p) for p in trained}
     before = model.class_embed.weight.detach().clone()
     stats = trainer.train_one_epoch(0)
