@@ -169,8 +169,9 @@ class SetCriterion(nn.Module):
             queries = outputs["pred_logits"].shape[1]
             groups = denoising.query_groups
             has_denoising_queries = denoising.labels.shape[1] > groups * queries  # after the extra groups
-            # the groups are matched one-to-one to the targets themselves
-            num_plain = num_boxes if matched is targets else self.num_boxes(targets, outputs["pred_logits"].device)
+            num_plain = num_boxes  # the groups are matched one-to-one to the targets themselves
+            if groups and matched is not targets:  # (one-to-many epochs: count the targets once)
+                num_plain = self.num_boxes(targets, outputs["pred_logits"].device)
             for index, output in enumerate(outputs["denoising"]):
                 if has_denoising_queries:
                     dn = self.denoising_losses(output, denoising)
