@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="groups of DN-DETR denoising queries in training (0: off, the original recipe; default 20)",
     )
     p.add_argument(
+        "--contrastive_denoising",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also a negative copy of each object per denoising group, to predict 'no object' (DINO; default off)",
+    )
+    p.add_argument(
         "--query_groups",
         type=int,
         help="groups of object queries in training, the model's own included (Group DETR; 1: off, the default)",

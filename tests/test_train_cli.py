@@ -40,7 +40,7 @@ def test_original_recipe_and_explicit_flags_win() -> None:
         True,
         0,
     )  # raw weights, DETR's augmentation, every epoch at full size
-    assert config.query_groups == 1  # no extra query groups
+    assert config.query_groups == 1 and not config.contrastive_denoising  # no extra query groups, no negatives
 
 
 def test_quickstart_training_aids_can_be_switched_off() -> None:
@@ -48,6 +48,10 @@ def test_quickstart_training_aids_can_be_switched_off() -> None:
     config = config_from_args(["--encoder_loss", "0", "--synthetic_any_colour"])
     assert config.encoder_loss == 0.0 and config.synthetic_class_hues is False
     assert config_from_args([]).query_groups == 1 and config_from_args(["--query_groups", "3"]).query_groups == 3
+    assert not config_from_args([]).contrastive_denoising
+    assert config_from_args(["--contrastive_denoising"]).contrastive_denoising
+    with pytest.raises(ConfigError, match=r"--contrastive_denoising.*--denoising_groups is 0"):
+        config_from_args(["--contrastive_denoising", "--denoising_groups", "0"])
 
 
 def test_augmentation_is_off_on_the_synthetic_set_and_on_for_coco_unless_asked() -> None:
@@ -213,7 +217,7 @@ def test_resume_of_a_run_saved_before_an_option_existed_keeps_how_it_trained(tmp
     config = config_from_args(["--resume", str(tmp_path / "checkpoint.pth")])
     assert (config.ema_decay, config.denoising_groups, config.augments(), config.precision) == (0.0, 0, True, "fp32")
     assert (config.one_to_many, config.one_to_many_epochs, config.schedule, config.epochs) == (1, 0, "step", 5)
-    assert config.low_res_epochs == 0 and config.query_groups == 1
+    assert config.low_res_epochs == 0 and config.query_groups == 1 and not config.contrastive_denoising
     later = config_from_args(["--resume", str(tmp_path / "checkpoint.pth"), "--denoising_groups", "5"])
     assert later.denoising_groups == 5
     current = TrainConfig(epochs=5, low_res_epochs=4).to_dict()  # a run that stored them keeps its own values

@@ -187,7 +187,13 @@ class Trainer:
         #: Makes the training-only denoising queries (``denoising_groups`` > 0); not part of the model.
         self.denoiser: Denoiser | None = None
         if config.denoising_groups > 0 and not config.eval_only:
-            self.denoiser = Denoiser(dims.num_classes, dims.hidden_dim, dims.num_queries, config.denoising_groups)
+            self.denoiser = Denoiser(
+                dims.num_classes,
+                dims.hidden_dim,
+                dims.num_queries,
+                config.denoising_groups,
+                negatives=config.contrastive_denoising,
+            )
         #: Makes Group DETR's extra query groups (``query_groups`` > 1); not part of the model.
         self.query_groups: QueryGroups | None = None
         if config.query_groups > 1 and not config.eval_only:

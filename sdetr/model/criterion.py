@@ -96,11 +96,15 @@ class SetCriterion(nn.Module):
     def denoising_losses(self, output: dict, denoising: DenoisingBatch) -> dict[str, Tensor]:
         """Losses of one decoder layer's denoising predictions (``pred_logits [B, D, C+1]``,
         ``pred_boxes [B, D, 4]``): each query against the object it was made from, no matching.
-        CE is the mean over the queries with an object; L1 and GIoU are per object (as DETR's)."""
+        CE covers every copy (a negative copy's class is "no object", at weight 1, not
+        ``eos_coef``); L1 and GIoU cover the positive copies. All three are divided by the number of
+        positive copies, so CE is their mean without negatives and the box losses are per object,
+        as DETR's."""
         valid = denoising.labels != IGNORE  # [B, D]
-        count = global_mean(valid.sum().float()).clamp(min=1.0)
+        positive = valid & (denoising.labels < self.num_classes)  # [B, D]: not padding, not a negative copy
+        count = global_mean(positive.sum().float()).clamp(min=1.0)
         logits, labels = output["pred_logits"][valid], denoising.labels[valid]  # [P, C+1], [P]
-        predicted, wanted = output["pred_boxes"][valid], denoising.boxes[valid]  # [P, 4]
+        predicted, wanted = output["pred_boxes"][positive], denoising.boxes[positive]  # [P+, 4]
         loss_bbox, loss_giou = box_losses(predicted, wanted, count)
         return {
             "loss_ce": F.cross_entropy(logits, labels, reduction="sum") / count,

@@ -8,6 +8,11 @@ label; its positional query embeds the noisy box. The decoder is asked to recons
 query's true object, with no Hungarian matching, which gives the decoder a stable localisation
 target from the first step.
 
+With ``negatives=True`` (contrastive denoising, DINO, Zhang et al. 2022) each group also holds a
+negative copy of every object, its box moved by ``box_noise`` to ``2 * box_noise`` (centre
+shifts of one to two times the positive's largest, side scales likewise), which must predict
+"no object": the decoder learns to reject a second query near an object it already has.
+
 The extra queries are appended after the ``Q`` matching queries of every stage (stage 2 starts
 them from stage 1's output, as it does the matching queries). A decoder self-attention mask
 keeps the matching queries from seeing any denoising query, and each group from seeing the
@@ -35,15 +40,18 @@ IGNORE = -1
 class DenoisingBatch:
     """The training-only decoder queries of one batch: ``D = G * Q + groups * N`` of them, the
     ``query_groups`` extra groups of ``Q`` (none unless :mod:`sdetr.model.query_groups` added them),
-    then the denoising queries (``N``: most objects in an image, at least 1).
+    then the denoising queries (``N`` per group: the most objects in an image, at least 1, twice
+    that with negatives: each group's positive copies, then its negative copies).
 
     Attributes:
         content: ``[B, D, E]`` stage-1 decoder start of each query (its noisy label's embedding).
         position: ``[B, D, E]`` positional query of each query (its noisy box's embedding), every stage.
         self_attn_mask: ``[Q + D, Q + D]`` True where query i may not see query j in the decoder's
             self-attention (the ``Q`` matching queries come first).
-        labels: ``[B, D]`` class of the object each query must reconstruct, ``IGNORE`` on padding.
-        boxes: ``[B, D, 4]`` its true box (cx, cy, w, h in [0, 1]); zeros on padding.
+        labels: ``[B, D]`` class of the object each query must reconstruct, ``num_classes`` ("no
+            object") on a negative copy, ``IGNORE`` on padding.
+        boxes: ``[B, D, 4]`` its true box (cx, cy, w, h in [0, 1]), the box it was made from on a
+            negative copy (no box loss); zeros on padding.
         query_groups: ``G``, extra groups of ``Q`` matched queries placed before the denoising
             queries (Group DETR, :mod:`sdetr.model.query_groups`); their labels are ``IGNORE``.
     """
@@ -84,6 +92,8 @@ class Denoiser(nn.Module):
         groups: noisy copies of every object.
         label_noise: probability that a copy's label is replaced by a random class.
         box_noise: the box noise scale (DN-DETR's lambda).
+        negatives: also make a negative copy of every object in each group (contrastive
+            denoising), its noise between ``box_noise`` and ``2 * box_noise``, labelled "no object".
     """
 
     def __init__(
@@ -94,6 +104,7 @@ class Denoiser(nn.Module):
         groups: int = 5,
         label_noise: float = 0.2,
         box_noise: float = 0.4,
+        negatives: bool = False,
     ) -> None:
         super().__init__()
         if groups < 1:
@@ -101,7 +112,7 @@ class Denoiser(nn.Module):
         if dim % 8:
             raise ValueError(f"dim={dim}; the box embedding needs hidden_dim divisible by 8")
         self.num_classes, self.num_queries, self.groups = num_classes, num_queries, groups
-        self.label_noise, self.box_noise = label_noise, box_noise
+        self.label_noise, self.box_noise, self.negatives = label_noise, box_noise, negatives
         self.label_embed = nn.Embedding(num_classes, dim)
         self.box_embed = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, dim))
 
@@ -114,31 +125,40 @@ class Denoiser(nn.Module):
         """
         size = max(1, max(len(t["labels"]) for t in targets))
         device = self.label_embed.weight.device
-        batch, count = len(targets), self.groups * size
+        copies = 2 if self.negatives else 1  # per object and group: positive (then negative)
+        batch, group_size = len(targets), copies * size
+        count = self.groups * group_size
         labels = torch.full((batch, size), IGNORE, dtype=torch.int64, device=device)
         boxes = torch.zeros(batch, size, 4, device=device)
         for b, target in enumerate(targets):
             n = len(target["labels"])
             labels[b, :n] = target["labels"].to(device)
             boxes[b, :n] = target["boxes"].to(device, torch.float32)
-        labels, boxes = labels.repeat(1, self.groups), boxes.repeat(1, self.groups, 1)  # [B, D], [B, D, 4]
-        valid = labels != IGNORE
+        source = labels.repeat(1, copies * self.groups)  # [B, D]: the label each copy is made from
+        boxes = boxes.repeat(1, copies * self.groups, 1)  # [B, D, 4]
+        negative = (torch.arange(count, device=device) % group_size) >= size  # [D]: the groups' second halves
+        labels = torch.where(negative & (source != IGNORE), self.num_classes, source)  # [B, D]: what to predict
+        valid = source != IGNORE
         noisy_labels = torch.where(
             torch.rand(batch, count, device=device) < self.label_noise,
             torch.randint(0, self.num_classes, (batch, count), device=device),
-            labels,
+            source,
         ).clamp(min=0)  # padding embeds class 0 (its loss is ignored)
-        noisy_boxes = self._jitter(boxes)
+        noisy_boxes = self._jitter(boxes, negative)
         content = self.label_embed(noisy_labels) * valid[..., None]  # [B, D, E]
         channels = self.label_embed.embedding_dim // 2  # 4 coordinates x E/2 channels -> 2E
         position = self.box_embed(sine_box_embedding(noisy_boxes, channels)) * valid[..., None]  # [B, D, E]
-        mask = denoising_mask(self.num_queries, self.groups, size, device)
+        mask = denoising_mask(self.num_queries, self.groups, group_size, device)
         return DenoisingBatch(content, position, mask, labels, boxes)
 
-    def _jitter(self, boxes: Tensor) -> Tensor:
+    def _jitter(self, boxes: Tensor, negative: Tensor) -> Tensor:
         """``boxes [B, D, 4]`` cxcywh -> noisy copies: centres moved by up to ``box_noise`` half
-        sides, sides scaled by ``1 +- box_noise``; clamped to the image."""
+        sides, sides scaled by ``1 +- box_noise``; where ``negative [D]``, by ``1`` to ``2`` times
+        as much; clamped to the image."""
         centre, sides = boxes[..., :2], boxes[..., 2:]
-        shift = (torch.rand_like(centre) * 2 - 1) * sides / 2 * self.box_noise
-        scale = 1 + (torch.rand_like(sides) * 2 - 1) * self.box_noise
+        push = negative.to(boxes.dtype)[:, None]  # [D, 1]: 1 moves a draw in [-1, 1) out to +-[1, 2)
+        shift = torch.rand_like(centre) * 2 - 1  # [B, D, 2], in [-1, 1)
+        shift = (shift + shift.sign() * push) * sides / 2 * self.box_noise
+        scale = torch.rand_like(sides) * 2 - 1  # [B, D, 2]
+        scale = 1 + (scale + scale.sign() * push) * self.box_noise
         return torch.cat(((centre + shift).clamp(0, 1), (sides * scale).clamp(1e-3, 1)), dim=-1)

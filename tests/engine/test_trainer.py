@@ -361,12 +361,12 @@ def test_evaluation_runs_in_float32_whatever_the_training_precision(tmp_path: Pa
 
 
 def test_denoising_queries_and_query_groups_are_trained_saved_and_resumed_exactly(tmp_path: Path) -> None:
-    """With ``denoising_groups`` and ``query_groups``: the criterion gets the denoising and group
-    losses, the embeddings are optimised and saved outside the model, and a resumed run equals a
-    straight one."""
-    queries = {"denoising_groups": 2, "query_groups": 2}
+    """With ``denoising_groups`` (contrastive) and ``query_groups``: the criterion gets the denoising
+    and group losses, the embeddings are optimised and saved outside the model, and a resumed run
+    equals a straight one."""
+    queries = {"denoising_groups": 2, "contrastive_denoising": True, "query_groups": 2}
     trainer = Trainer.from_config(small_config(tmp_path / "straight", **queries))
-    assert trainer.denoiser is not None and trainer.query_groups is not None
+    assert trainer.denoiser is not None and trainer.denoiser.negatives and trainer.query_groups is not None
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert {id(p) for p in [*trainer.denoiser.parameters(), *trainer.query_groups.parameters()]} <= optimised
     before = trainer.denoiser.label_embed.weight.detach().clone()
@@ -398,7 +398,8 @@ def test_denoising_queries_and_query_groups_train_under_two_gloo_processes(tmp_p
         f"--master_port={_free_port()}", str(REPO / "train.py"), "--coco_path", str(tmp_path / "coco"),
         "--scale", "synthetic", "--no-augment", "--epochs", "2", "--lr_drop", "5", "--eval_every", "0",
         "--low_res_epochs", "0",
-        "--device", "cpu", "--batch_size", "2", "--denoising_groups", "2", "--query_groups", "2", "--precision", "fp32",
+        "--device", "cpu", "--batch_size", "2", "--precision", "fp32",
+        "--denoising_groups", "2", "--contrastive_denoising", "--query_groups", "2",
         "--set", "hidden_dim=32", "--set", "ffn_dim=32", "--set", "num_queries=6",
         "--output_dir", str(tmp_path / "two"),
     ]  # fmt: skip

@@ -57,14 +57,83 @@ def test_queries_copy_each_object_per_group_with_padding() -> None:
 @settings(max_examples=30, deadline=None)
 @given(st.floats(0.05, 0.95), st.floats(0.05, 0.95), st.floats(0.02, 0.9), st.floats(0.02, 0.9), st.integers(0, 10**6))
 def test_box_noise_stays_within_its_scale(cx: float, cy: float, w: float, h: float, seed: int) -> None:
+    """Positive copies move by at most ``box_noise``; negative copies (the second 50) by ``box_noise``
+    to ``2 * box_noise``, except where the image's border clamps them."""
     torch.manual_seed(seed)
     denoiser = Denoiser(num_classes=3, dim=16, num_queries=2, groups=1, box_noise=0.4)
     box = torch.tensor([[[cx, cy, w, h]]])
-    noisy = denoiser._jitter(box.expand(1, 50, 4))  # [1, 50, 4]
-    shift = (noisy[..., :2] - box[..., :2]).abs()
-    assert torch.all(shift <= 0.4 * box[..., 2:] / 2 + 1e-6)
+    negative = torch.arange(100) >= 50  # [D]
+    noisy = denoiser._jitter(box.expand(1, 100, 4), negative)  # [1, 100, 4]
+    half_sides = box[..., 2:] / 2  # [1, 1, 2]
+    shift = (noisy[..., :2] - box[..., :2]).abs() / half_sides  # [1, 100, 2], in units of box_noise x half side
     ratio = noisy[..., 2:] / box[..., 2:]
-    assert torch.all((ratio >= 0.6 - 1e-6) | (noisy[..., 2:] == 1e-3)) and torch.all(ratio <= 1.4 + 1e-6)
+    centre_clamped = (noisy[..., :2] == 0) | (noisy[..., :2] == 1)
+    side_clamped = (noisy[..., 2:] == 1e-3) | (noisy[..., 2:] == 1)
+    positive, negative = slice(0, 50), slice(50, 100)
+    assert torch.all(shift[0, positive] <= 0.4 + 1e-5)
+    assert torch.all((shift[0, negative] >= 0.4 - 1e-5) | centre_clamped[0, negative])
+    assert torch.all(shift[0, negative] <= 0.8 + 1e-5)
+    change = (ratio - 1).abs()  # [1, 100, 2]
+    assert torch.all((change[0, positive] <= 0.4 + 1e-5) | side_clamped[0, positive])
+    in_band = (change[0, negative] >= 0.4 - 1e-5) & (change[0, negative] <= 0.8 + 1e-5)
+    assert torch.all(in_band | side_clamped[0, negative])
+
+
+def test_positive_noise_is_dn_detrs_uniform_draw() -> None:
+    """Without negatives the noise is DN-DETR's: one uniform draw in [-1, 1) per coordinate times
+    ``box_noise`` (a centre in half sides, a side as a scale), in this order of draws."""
+    box = torch.tensor([[[0.5, 0.5, 0.2, 0.4]]]).expand(1, 3, 4)
+    denoiser = Denoiser(num_classes=3, dim=16, num_queries=2, groups=1, box_noise=0.4)
+    torch.manual_seed(7)
+    noisy = denoiser._jitter(box, torch.zeros(3, dtype=torch.bool))
+    torch.manual_seed(7)
+    centre_draw, side_draw = torch.rand(1, 3, 2) * 2 - 1, torch.rand(1, 3, 2) * 2 - 1
+    expected_centre = box[..., :2] + centre_draw * box[..., 2:] / 2 * 0.4
+    expected_sides = box[..., 2:] * (1 + side_draw * 0.4)
+    torch.testing.assert_close(noisy, torch.cat((expected_centre, expected_sides), -1))
+
+
+def test_contrastive_groups_hold_a_negative_copy_of_each_object() -> None:
+    """Each group: the positive copies, then as many negative copies labelled "no object" (class
+    ``num_classes``) with the same true box; padding stays ``IGNORE`` in both halves; the mask treats
+    the two halves as one group."""
+    denoiser = Denoiser(num_classes=5, dim=16, num_queries=4, groups=2, label_noise=0.0, box_noise=0.4, negatives=True)
+    torch.manual_seed(0)
+    batch = denoiser(TARGETS)
+    assert batch.content.shape == batch.position.shape == (2, 8, 16)  # 2 groups x (2 positive + 2 negative)
+    assert batch.labels.tolist() == [[1, 3, 5, 5, 1, 3, 5, 5], [2, IGNORE, 5, IGNORE, 2, IGNORE, 5, IGNORE]]
+    assert torch.equal(batch.boxes[0, 2:4], TARGETS[0]["boxes"])  # the negatives keep their object's box
+    assert torch.equal(batch.boxes[0, 4:6], TARGETS[0]["boxes"])
+    assert torch.equal(batch.self_attn_mask, denoising_mask(4, 2, 4, torch.device("cpu")))
+    # a negative copy embeds its object's true label (the label noise is 0) and a box moved further
+    torch.testing.assert_close(batch.content[0, 3], denoiser.label_embed.weight[3])
+    assert torch.all(batch.content[1, 3] == 0) and torch.all(batch.position[1, 3] == 0)
+
+
+def test_contrastive_denoising_losses_by_hand() -> None:
+    """One object, one group: a positive (class 2) and a negative ("no object", class 3) copy. CE
+    sums both at weight 1 (not ``eos_coef``) over the one positive; the box losses see the positive only."""
+    criterion = SetCriterion(num_classes=3, config=CriterionConfig())
+    batch = Denoiser(3, 16, 2, groups=1, negatives=True)(TARGETS[1:])  # [positive, negative]
+    assert batch.labels.tolist() == [[2, 3]]
+    logits = torch.tensor([[[0.0, 0.0, 2.0, 0.0], [1.0, 0.0, 0.0, 0.5]]])  # [B, D, C + 1]
+    boxes = torch.tensor([[[0.5, 0.6, 0.3, 0.3], [0.9, 0.1, 0.05, 0.05]]])  # the negative's box is far off: no loss
+    losses = criterion.denoising_losses({"pred_logits": logits, "pred_boxes": boxes}, batch)
+    expected_ce = -torch.log_softmax(logits[0, 0], -1)[2] - torch.log_softmax(logits[0, 1], -1)[3]
+    torch.testing.assert_close(losses["loss_ce"], expected_ce)
+    torch.testing.assert_close(losses["loss_bbox"], torch.tensor(0.1))
+    torch.testing.assert_close(losses["loss_giou"], torch.tensor(1 - 0.06 / 0.12))
+
+
+def test_matching_outputs_do_not_change_with_contrastive_denoising_queries() -> None:
+    torch.manual_seed(0)
+    model = build_model("sdetr-tiny", num_classes=5)
+    images = [torch.randn(3, 96, 128), torch.randn(3, 80, 128)]
+    plain = model(images)
+    noisy = model(images, denoising=Denoiser(5, 64, 20, groups=3, negatives=True)(TARGETS))
+    for key in ("pred_logits", "pred_boxes"):  # the mask hides them; more rows round the products differently
+        torch.testing.assert_close(plain[key], noisy[key], rtol=0, atol=2e-6, msg=key)
+    assert noisy["denoising"][0]["pred_boxes"].shape == (2, 12, 4)  # 3 groups x (2 + 2)
 
 
 def test_box_embedding_of_a_centre_is_detrs_sine_embedding_of_that_cell() -> None:
