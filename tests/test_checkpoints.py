@@ -103,6 +103,15 @@ def test_own_checkpoint_round_trip(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.pth"]  # no temporary file left behind
 
 
+@pytest.mark.parametrize(("backbone", "blocks"), [("resnet10", 1), ("resnet18", 2), ("resnet34", 6)])
+def test_basic_block_backbones_are_told_apart_by_their_blocks(backbone: str, blocks: int) -> None:
+    """A bare state dict (no stored config) names its backbone by layer3's block count."""
+    model = build_model("sdetr-tiny", num_classes=5, backbone=backbone)
+    keys = {key.split(".")[3] for key in model.state_dict() if key.startswith("backbone.body.layer3.")}
+    assert len(keys) == blocks
+    assert load_model(dict(model.state_dict()), preset="sdetr-tiny").config.backbone == backbone
+
+
 def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     path = save_model(build_model("sdetr-tiny"), tmp_path / "full.pth")
     data = path.read_bytes()

@@ -34,7 +34,10 @@ def test_heads_per_layer_tuple() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"backbone": "vgg16"}, "backbone: expected one of 'resnet18', 'resnet34', 'resnet50', 'resnet101'"),
+        (
+            {"backbone": "vgg16"},
+            "backbone: expected one of 'resnet10', 'resnet18', 'resnet34', 'resnet50', 'resnet101'",
+        ),
         ({"hidden_dim": 100}, "not divisible by heads=8"),
         ({"stages": ()}, "at least one stage"),
         ({"stages": (StageConfig(from_previous=True),)}, "stage 1 cannot"),

@@ -99,7 +99,7 @@ def test_eval_and_flags_familiar_to_detr_users() -> None:
         (["--low_res_epochs", "-1"], "--low_res_epochs -1: use 0 or more"),
         (["--low_res_factor", "0"], "--low_res_factor 0.0: use a factor in (0, 1]"),
         (["--low_res_factor", "1.5"], "--low_res_factor 1.5: use a factor in (0, 1]"),
-        (["--epochs", "5"], "--low_res_epochs 8 with --epochs 5: the last epoch must train at full size"),
+        (["--epochs", "5"], "--low_res_epochs 12 with --epochs 5: the last epoch must train at full size"),
         (["--low_res_factor", "0.2"], "smallest size (128 px) would become 26 px, under 32 px"),
         (["--low_res_factor", "0.2"], "use a factor of at least 0.25"),
         (["--set", "hidden_dim=abc"], "--set hidden_dim=abc: hidden_dim: expected an integer, got 'abc'"),
@@ -157,10 +157,10 @@ def test_ctrl_c_prints_the_last_checkpoint_and_the_resume_command(
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "Trainer", Interrupted)
-    assert train.main(["--epochs", "9", "--output_dir", "runs/a", "--overwrite"]) == 130
+    assert train.main(["--epochs", "15", "--output_dir", "runs/a", "--overwrite"]) == 130
     err = capsys.readouterr().err
     assert "the last checkpoint is runs/a/checkpoint.pth (epoch 3 finished)" in err
-    assert "python train.py --epochs 9 --resume runs/a/checkpoint.pth" in err and "Traceback" not in err
+    assert "python train.py --epochs 15 --resume runs/a/checkpoint.pth" in err and "Traceback" not in err
 
 
 def test_ctrl_c_before_any_checkpoint_says_so(

@@ -170,6 +170,7 @@ class FoldedBottleneck(Bottleneck):
 
 #: Block type and blocks per stage of each supported depth (as torchvision's factories).
 ARCHITECTURES: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
+    "resnet10": (FoldedBasicBlock, [1, 1, 1, 1]),  # ResNet-18 at half depth: the CPU quickstart's
     "resnet18": (FoldedBasicBlock, [2, 2, 2, 2]),
     "resnet34": (FoldedBasicBlock, [3, 4, 6, 3]),
     "resnet50": (FoldedBottleneck, [3, 4, 6, 3]),

@@ -51,7 +51,7 @@ def test_default_detection_is_the_highest_scoring_one(tiny: Detector, image: Ten
 def test_integrated_gradients_is_complete() -> None:
     """Completeness: the attributions add up to ``f(image) - f(baseline)`` within 5 %.
 
-    The model is ``sdetr-tiny`` with a frozen-BN backbone, so the path from the zero (mean
+    The model is ``sdetr-tiny`` with a frozen-BN ResNet-18 backbone, so the path from the zero (mean
     image) baseline is not a no-op (see the GroupNorm test below). A random-weight model is
     nearly scale-invariant after its normalisation layers: its score moves over a short stretch
     of the path near the baseline, which a 16-point quadrature resolves only for a low-contrast
@@ -59,7 +59,7 @@ def test_integrated_gradients_is_complete() -> None:
     seeds); 0.003 x noise keeps the path smooth (at 48x64, 16 steps: 0.1-1.1 % off on three seeds).
     """
     torch.manual_seed(0)
-    model = build_model("sdetr-tiny", backbone_norm="frozen_bn").eval()
+    model = build_model("sdetr-tiny", backbone="resnet18", backbone_norm="frozen_bn").eval()  # as measured
     image = 0.003 * torch.randn(3, 48, 64, generator=torch.Generator().manual_seed(10))
     result = attribute(model, image, method="integrated_gradients", n_steps=16, internal_batch_size=16)
     with torch.no_grad():

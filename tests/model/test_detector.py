@@ -34,6 +34,20 @@ def test_original_parameter_counts() -> None:
     assert count_parameters(build_model("detr")) == 41_302_368
 
 
+def test_tiny_backbone_is_resnet18_at_half_depth() -> None:
+    """ResNet-10: one basic block per stage, so each stage holds what ResNet-18's first block of it
+    holds, and the stem (conv1 + GroupNorm) is shared: ResNet-18's count minus its second blocks."""
+    tiny, r18 = build_model("sdetr-tiny"), build_model("sdetr-tiny", backbone="resnet18")
+    second_blocks = sum(
+        p.numel()
+        for name, p in r18.backbone.body.named_parameters()
+        if name.split(".")[0].startswith("layer") and name.split(".")[1] == "1"
+    )
+    by_hand = sum(9 * c * c + 9 * c * c + 4 * c for c in (64, 128, 256, 512))  # two 3x3 convs and two GroupNorms
+    assert second_blocks == by_hand
+    assert count_parameters(tiny) == count_parameters(r18) - by_hand == 5_307_296
+
+
 def test_stage2_encoder_is_single_head_and_decoder_starts_from_stage1() -> None:
     model = build_model("sdetr")
     sites = model.attention_sites()
