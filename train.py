@@ -1,11 +1,11 @@
 """Train or evaluate SDETR / DETR. ``python train.py`` trains sdetr-tiny on the embedded set (CPU).
 
 Examples:
-    python train.py                                              # CPU quickstart, a few minutes
+    python train.py                                              # CPU quickstart, under 10 minutes
     torchrun --nproc_per_node=4 train.py --recipe original --coco_path /data/coco
     python train.py --eval --resume outputs/checkpoint.pth
     python train.py --preset sdetr-multihead --set hidden_dim=128 --set dropout=0.0
-    python train.py --resume outputs/checkpoint.pth --epochs 12     # continue a run (its options, these flags win)
+    python train.py --resume outputs/checkpoint.pth --epochs 25     # continue a run (its options, these flags win)
 
 Errors in flags, data or files are printed as one message (exit status 2); Ctrl-C prints where
 the last checkpoint is and the command that resumes from it (exit status 130).
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sdetr.checkpoints import CheckpointError, read_checkpoint
-from sdetr.config import ConfigError, ModelConfig
+from sdetr.config import ConfigError, ModelConfig, get_config
 from sdetr.engine import BEFORE_THE_OPTION, ORIGINAL_RECIPE, TrainConfig, Trainer, distributed
 from sdetr.errors import USER_ERROR_EXIT, UserError
 from sdetr.typed_fields import parse_assignments
@@ -176,7 +176,29 @@ def resumed_options(path: str) -> dict[str, Any]:
         TrainConfig.from_dict(known)
     except ConfigError as error:
         raise CheckpointError(f"{path}: its stored training options are not valid ({error})") from None
+    changed = _preset_changes(state.get("config"), known)
+    if changed:  # the preset changed since (sdetr-tiny's backbone did): keep the checkpoint's model
+        known["model_overrides"] = {**changed, **known.get("model_overrides", {})}
     return known
+
+
+def _preset_changes(stored: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The scalar model fields where a checkpoint's stored model differs from what its options'
+    preset and overrides build today (``num_classes`` aside: it comes from the data); {} when they
+    cannot be compared. ``stages`` differences are left to the trainer's check, which names them."""
+    if not isinstance(stored, dict) or "preset" not in options:
+        return {}
+    try:
+        saved = ModelConfig.from_dict(stored)
+        today = get_config(options["preset"], **options.get("model_overrides", {}))
+    except ConfigError:
+        return {}  # the trainer reports an invalid stored config with the file's name
+    skip = {"name", "num_classes", "stages"}
+    return {
+        f.name: getattr(saved, f.name)
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in skip and getattr(saved, f.name) != getattr(today, f.name)
+    }
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:

@@ -26,6 +26,7 @@ from sdetr import (
     build_transforms,
     default_cache_dir,
     generate_synthetic_coco,
+    get_config,
     synthetic_root,
 )
 
@@ -55,10 +56,12 @@ class QuickRun:
     model_overrides: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     def key(self) -> str:
-        """The cache folder's name: the run's fields and every training option it implies (so a
-        change of the trainer's defaults, such as a new training aid, trains a new model)."""
+        """The cache folder's name: the run's fields, every training option it implies and the model
+        its preset builds (so a change of the trainer's defaults, such as a new training aid, or of
+        the preset, such as ``sdetr-tiny``'s backbone, trains a new model)."""
         options = {k: v for k, v in self.train_config("").to_dict().items() if k != "output_dir"}
-        payload = json.dumps({**asdict(self), "train_config": options}, sort_keys=True, default=str)
+        model = get_config(self.preset, **dict(self.model_overrides)).to_dict()
+        payload = json.dumps({**asdict(self), "train_config": options, "model": model}, sort_keys=True, default=str)
         return (
             f"{self.preset}-e{self.epochs}-n{self.train_images}-s{self.seed}-"
             + hashlib.sha1(payload.encode()).hexdigest()[:10]

@@ -109,7 +109,9 @@ def _infer_backbone(keys: set[str]) -> str:
     layer3_blocks = len(_indices(keys, r"backbone\.body\.layer3\.(\d+)\."))
     if bottleneck:
         return "resnet101" if layer3_blocks >= 23 else "resnet50"
-    return "resnet34" if layer3_blocks >= 6 else "resnet18" if layer3_blocks >= 2 else "resnet10"
+    if layer3_blocks == 1:
+        return "resnet10"
+    return "resnet34" if layer3_blocks >= 6 else "resnet18"  # (no layer3 at all: the key check names what is missing)
 
 
 def infer_config(state: Mapping[str, Tensor], args: Any = None, base: ModelConfig | None = None) -> ModelConfig:

@@ -216,3 +216,14 @@ def test_each_kind_of_bad_checkpoint_file_gets_its_own_message(tmp_path: Path) -
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match=r"list\.pth: holds a list, not a checkpoint dict"):
         load_model(tmp_path / "list.pth")
+
+
+def test_imagenet_weights_of_another_depth_are_refused_naming_the_backbone(tmp_path: Path) -> None:
+    import torchvision
+
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match=r"not a torchvision resnet10 ImageNet state dict \(torchvision has no"):
+        build_model("sdetr-tiny", backbone_weights=str(path))
+    same_depth = build_model("sdetr-tiny", backbone="resnet18", backbone_norm="frozen_bn", backbone_weights=str(path))
+    assert same_depth.config.backbone == "resnet18"  # the file itself is fine

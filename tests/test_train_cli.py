@@ -208,6 +208,21 @@ def test_every_input_error_type_is_a_user_error(tmp_path: Path, capsys: pytest.C
     assert capsys.readouterr().err == f"train.py: error: {tmp_path} is a folder; {hint}\n"
 
 
+def test_resume_of_a_quickstart_run_from_before_the_resnet10_preset_keeps_its_resnet18(tmp_path: Path) -> None:
+    """A checkpoint whose stored model differs from what its preset builds today (``sdetr-tiny`` was
+    a ResNet-18) resumes with the stored backbone as an override; an explicit --set still wins."""
+    old_model = sdetr.build_model("sdetr-tiny", num_classes=6, backbone="resnet18").config.to_dict()
+    stored = TrainConfig(epochs=13, low_res_epochs=8, lr_drop=12).to_dict()
+    torch.save({"sdetr_format": 1, "train_config": stored, "config": old_model}, tmp_path / "checkpoint.pth")
+    config = config_from_args(["--resume", str(tmp_path / "checkpoint.pth")])
+    assert config.model_overrides == {"backbone": "resnet18"}  # num_classes comes from the data, not here
+    explicit = config_from_args(["--resume", str(tmp_path / "checkpoint.pth"), "--set", "backbone=resnet34"])
+    assert explicit.model_overrides == {"backbone": "resnet34"}
+    today = sdetr.build_model("sdetr-tiny", num_classes=6).config.to_dict()
+    torch.save({"sdetr_format": 1, "train_config": stored, "config": today}, tmp_path / "new.pth")
+    assert config_from_args(["--resume", str(tmp_path / "new.pth")]).model_overrides == {}
+
+
 def test_resume_of_a_run_saved_before_an_option_existed_keeps_how_it_trained(tmp_path: Path) -> None:
     """A checkpoint written before EMA, denoising queries or the synthetic set's no-augmentation
     default resumes as it trained (not with today's defaults, whose extra denoiser parameters

@@ -43,8 +43,9 @@ class TrainConfig:
     # Progressive resizing: the first ``low_res_epochs`` epochs train at ``low_res_factor`` x the
     # scale's sizes (cheaper steps), the rest and every evaluation at full size; 0 is off (the
     # original recipe). The quickstart's first 12 of 20 epochs (60 %, as 8 of 13 with the earlier
-    # ResNet-18) at short side 128 instead of 160 take about 0.77x the time each, so more epochs fit
-    # the 10 minutes: with ResNet-18, 13 where 12 did, AP50 0.416 -> 0.480 (docs/results.md).
+    # ResNet-18) at short side 128 instead of 160 take about 0.8x the time each (0.77x with
+    # ResNet-18), so more epochs fit the 10 minutes: with ResNet-18, 13 where 12 did, AP50 0.416 ->
+    # 0.480 (docs/results.md).
     low_res_epochs: int = 12
     low_res_factor: float = 0.8
     max_train_images: int | None = None  # a subset, for quick experiments and tests
@@ -54,9 +55,9 @@ class TrainConfig:
     # Linear learning-rate warm-up over the first steps. The quickstart's 150 (two epochs) let batch
     # 16 train at lr 1e-3: AP50 0.391 -> 0.416 against 5e-4 without warm-up (docs/results.md).
     warmup_steps: int = 150
-    # Images per process. The quickstart's 16: an epoch takes 45 s instead of batch 4's 68 s on 2
-    # cores (larger matrix products); measured with 12 full-size epochs against batch 4's 8 in the
-    # same time, AP50 0.391 against 0.343 at lr 5e-4 (docs/results.md), though per epoch batch 16
+    # Images per process. The quickstart's 16: with ResNet-18, an epoch took 45 s instead of batch
+    # 4's 68 s on 2 cores (larger matrix products); measured with 12 full-size epochs against batch
+    # 4's 8 in the same time, AP50 0.391 against 0.343 at lr 5e-4 (docs/results.md), though per epoch batch 16
     # learns less.
     batch_size: int = 16
     lr: float = 1e-3
@@ -78,8 +79,8 @@ class TrainConfig:
     # groups, reconstructed by the decoder without matching; 0 is off (the original recipe).
     denoising_groups: int = 20
     # Contrastive denoising (DINO): each denoising group also holds a negative copy of every object,
-    # its box moved further, that must predict "no object". Off: over two seeds it raised the
-    # quickstart's AP by 0.015-0.027 but not its AP50 (README, "Training and evaluation").
+    # its box moved further, that must predict "no object". Off: on the ResNet-18 quickstart (seed
+    # 42) it raised AP 0.218 -> 0.237 but lowered AP50 0.480 -> 0.458 (README, "Training and evaluation").
     contrastive_denoising: bool = False
     # Extra groups of object queries (Group DETR, sdetr.model.query_groups), each matched one-to-one
     # on its own; the number of groups with the model's own. 1 is off, the default: 3 groups gave the
@@ -137,8 +138,9 @@ class TrainConfig:
                 raise ConfigError(f"--{name} {getattr(self, name)}: use 0 or more")
         if self.contrastive_denoising and self.denoising_groups == 0:
             raise ConfigError(
-                "--contrastive_denoising adds negative copies to the denoising queries, and --denoising_groups is 0: "
-                "set --denoising_groups to 1 or more, or leave --contrastive_denoising out"
+                "--contrastive_denoising adds negative copies to the denoising queries, and --denoising_groups is 0 "
+                "(given, resumed from a checkpoint's options, or set by --recipe original): set --denoising_groups "
+                "to 1 or more, or pass --no-contrastive_denoising"
             )
         if self.max_train_images is not None and self.max_train_images < 1:
             raise ConfigError(f"--max_train_images {self.max_train_images}: use a positive integer (or leave it out)")

@@ -128,6 +128,7 @@ class Backbone(nn.Module):
         body = build_resnet(config.backbone, **kwargs)
         del body.fc, body.avgpool  # classification head: unused, no parameters kept
         self.body = body
+        self.backbone_name = config.backbone  # e.g. "resnet50", for error messages
         self.levels = levels
         self.num_channels = {level: config.feature_channels(level) for level in levels}  # type: ignore[arg-type]
         if config.backbone_weights is not None:
@@ -170,8 +171,11 @@ class Backbone(nn.Module):
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = self.body.load_state_dict(state, strict=False)
         if missing or unexpected:
+            hint = ""
+            if self.backbone_name == "resnet10":
+                hint = " (torchvision has no resnet10 weights: it trains from scratch)"
             raise ValueError(
-                f"{path}: not a {type(self.body).__name__} ImageNet state dict "
+                f"{path}: not a torchvision {self.backbone_name} ImageNet state dict{hint} "
                 f"(missing {missing[:5]}..., unexpected {unexpected[:5]}...)"
             )
 

@@ -93,7 +93,8 @@ class Denoiser(nn.Module):
         label_noise: probability that a copy's label is replaced by a random class.
         box_noise: the box noise scale (DN-DETR's lambda).
         negatives: also make a negative copy of every object in each group (contrastive
-            denoising), its noise between ``box_noise`` and ``2 * box_noise``, labelled "no object".
+            denoising), its noise between ``box_noise`` and ``2 * box_noise``, labelled "no object";
+            needs ``box_noise < 0.5`` (a side scaled by ``1 - 2 * box_noise`` must stay positive).
     """
 
     def __init__(
@@ -111,6 +112,11 @@ class Denoiser(nn.Module):
             raise ValueError(f"groups={groups}; use at least 1 group of denoising queries")
         if dim % 8:
             raise ValueError(f"dim={dim}; the box embedding needs hidden_dim divisible by 8")
+        if negatives and not 0 < box_noise < 0.5:
+            raise ValueError(
+                f"box_noise={box_noise} with negatives=True; use 0 < box_noise < 0.5, so that a negative copy's "
+                "side, scaled by down to 1 - 2 * box_noise, stays positive"
+            )
         self.num_classes, self.num_queries, self.groups = num_classes, num_queries, groups
         self.label_noise, self.box_noise, self.negatives = label_noise, box_noise, negatives
         self.label_embed = nn.Embedding(num_classes, dim)
@@ -119,8 +125,8 @@ class Denoiser(nn.Module):
     def forward(self, targets: list[Target]) -> DenoisingBatch:
         """The batch's denoising queries.
 
-        A batch with no object at all still gets one padded slot per group (label ``IGNORE``, no
-        loss), so that every process of a multi-process run calls the embeddings and the
+        A batch with no object at all still gets one padded slot per group, two with negatives
+        (label ``IGNORE``, no loss), so that every process of a multi-process run calls the embeddings and the
         denoising losses alike (DDP and the losses' cross-process means need that).
         """
         size = max(1, max(len(t["labels"]) for t in targets))
@@ -158,7 +164,7 @@ class Denoiser(nn.Module):
         centre, sides = boxes[..., :2], boxes[..., 2:]
         push = negative.to(boxes.dtype)[:, None]  # [D, 1]: 1 moves a draw in [-1, 1) out to +-[1, 2)
         shift = torch.rand_like(centre) * 2 - 1  # [B, D, 2], in [-1, 1)
-        shift = (shift + shift.sign() * push) * sides / 2 * self.box_noise
+        shift = (shift + torch.where(shift >= 0, push, -push)) * sides / 2 * self.box_noise
         scale = torch.rand_like(sides) * 2 - 1  # [B, D, 2]
-        scale = 1 + (scale + scale.sign() * push) * self.box_noise
+        scale = 1 + (scale + torch.where(scale >= 0, push, -push)) * self.box_noise
         return torch.cat(((centre + shift).clamp(0, 1), (sides * scale).clamp(1e-3, 1)), dim=-1)

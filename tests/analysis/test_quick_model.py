@@ -9,7 +9,7 @@ import pytest
 
 import analysis.quick_model as quick_model
 from analysis.quick_model import QuickRun, quick_checkpoint, quick_dataset
-from sdetr import load_model
+from sdetr import get_config, load_model
 
 
 def test_trains_once_then_reuses_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,4 +31,7 @@ def test_trains_once_then_reuses_the_cache(tmp_path: Path, monkeypatch: pytest.M
     shipped = QuickRun.train_config
     monkeypatch.setattr(QuickRun, "train_config", lambda self, out: replace(shipped(self, out), ema_decay=0.5))
     assert QuickRun().key() != defaults  # another trainer default: a new model, not an old default's
+    monkeypatch.undo()
+    monkeypatch.setattr(quick_model, "get_config", lambda preset, **kw: get_config(preset, backbone="resnet18", **kw))
+    assert QuickRun().key() != defaults  # the preset builds another model (sdetr-tiny's backbone changed)
     assert len(quick_dataset(run)) == 2

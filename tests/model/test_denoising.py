@@ -90,7 +90,24 @@ def test_positive_noise_is_dn_detrs_uniform_draw() -> None:
     centre_draw, side_draw = torch.rand(1, 3, 2) * 2 - 1, torch.rand(1, 3, 2) * 2 - 1
     expected_centre = box[..., :2] + centre_draw * box[..., 2:] / 2 * 0.4
     expected_sides = box[..., 2:] * (1 + side_draw * 0.4)
-    torch.testing.assert_close(noisy, torch.cat((expected_centre, expected_sides), -1))
+    assert torch.equal(noisy, torch.cat((expected_centre, expected_sides), -1))
+
+
+def test_forward_draws_in_dn_detrs_order_without_negatives() -> None:
+    """The whole batch, bit for bit, from the draws in order: label flips (``rand``, then ``randint``),
+    then the centres' and the sides' box draws (one object, one group: no padding)."""
+    denoiser = Denoiser(num_classes=5, dim=16, num_queries=2, groups=1, label_noise=0.5, box_noise=0.4)
+    target = [{"labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.4]])}]
+    torch.manual_seed(3)
+    batch = denoiser(target)
+    torch.manual_seed(3)
+    flip, random_label = torch.rand(1, 1) < 0.5, torch.randint(0, 5, (1, 1))
+    centre_draw, side_draw = torch.rand(1, 1, 2) * 2 - 1, torch.rand(1, 1, 2) * 2 - 1
+    box = target[0]["boxes"][None]  # [1, 1, 4]
+    noisy = torch.cat((box[..., :2] + centre_draw * box[..., 2:] / 2 * 0.4, box[..., 2:] * (1 + side_draw * 0.4)), -1)
+    label = torch.where(flip, random_label, torch.tensor([[3]]))
+    assert torch.equal(batch.content, denoiser.label_embed(label))
+    assert torch.equal(batch.position, denoiser.box_embed(sine_box_embedding(noisy, 8)))
 
 
 def test_contrastive_groups_hold_a_negative_copy_of_each_object() -> None:
@@ -108,6 +125,18 @@ def test_contrastive_groups_hold_a_negative_copy_of_each_object() -> None:
     # a negative copy embeds its object's true label (the label noise is 0) and a box moved further
     torch.testing.assert_close(batch.content[0, 3], denoiser.label_embed.weight[3])
     assert torch.all(batch.content[1, 3] == 0) and torch.all(batch.position[1, 3] == 0)
+    seen: list[torch.Tensor] = []
+    jitter = denoiser._jitter
+
+    def spy(boxes: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        seen.append(negative)
+        return jitter(boxes, negative)
+
+    denoiser._jitter = spy  # type: ignore[method-assign]
+    denoiser(TARGETS)
+    assert seen[0].tolist() == [False, False, True, True] * 2  # the groups' second halves are pushed out
+    empty = denoiser([{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}])
+    assert empty.labels.tolist() == [[IGNORE] * 4]  # two padded slots per group: no loss, the same calls
 
 
 def test_contrastive_denoising_losses_by_hand() -> None:
