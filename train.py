@@ -193,12 +193,7 @@ def _preset_changes(stored: Any, options: dict[str, Any]) -> dict[str, Any]:
         today = get_config(options["preset"], **options.get("model_overrides", {}))
     except ConfigError:
         return {}  # the trainer reports an invalid stored config with the file's name
-    skip = {"name", "num_classes", "stages"}
-    return {
-        f.name: getattr(saved, f.name)
-        for f in dataclasses.fields(ModelConfig)
-        if f.name not in skip and getattr(saved, f.name) != getattr(today, f.name)
-    }
+    return {name: old for name, (old, _) in saved.differences(today).items() if name not in ("num_classes", "stages")}
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:

@@ -153,6 +153,14 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def differences(self, other: ModelConfig) -> dict[str, tuple[Any, Any]]:
+        """``{field: (this value, other's value)}`` for every architecture field that differs (not ``name``)."""
+        return {
+            f.name: (getattr(self, f.name), getattr(other, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "name" and getattr(self, f.name) != getattr(other, f.name)
+        }
+
     @classmethod
     def from_dict(cls, data: Any, where: str = "model config") -> ModelConfig:
         """A config from :meth:`to_dict`'s output (as stored in checkpoints and recordings).

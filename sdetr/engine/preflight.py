@@ -169,14 +169,7 @@ def check_probe(model: Detector, config: TrainConfig, val: CocoDetection) -> Non
 
 def config_differences(saved: ModelConfig, current: ModelConfig) -> list[str]:
     """``"hidden_dim: checkpoint 64, this run 32"`` for every architecture field that differs (not the name)."""
-    lines = []
-    for name in saved.to_dict():
-        if name == "name":
-            continue
-        old, new = getattr(saved, name), getattr(current, name)
-        if old != new:
-            lines.append(f"{name}: checkpoint {old!r}, this run {new!r}")
-    return lines
+    return [f"{name}: checkpoint {old!r}, this run {new!r}" for name, (old, new) in saved.differences(current).items()]
 
 
 def flag_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, tuple[Any, Any]]:
