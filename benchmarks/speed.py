@@ -6,11 +6,11 @@
 original training script froze them (the project's models freeze the same). The project's model, as
 ``load_model`` returns it, at each backbone speed (``sdetr.BACKBONE_SPEEDS``): ``exact``
 (torchvision's modules and forward everywhere), ``sdetr`` (the default: torchvision's result in
-inference, bit for bit, its frozen batch norms, ReLUs and residual adds computed in place;
-frozen batch norm folded into the convolutions and channels-last in training steps), ``fast``
+inference, bit for bit, its frozen batch norms, ReLUs and residual adds computed in place, in
+oneDNN's blocked layout on a CPU; frozen batch norm folded into the convolutions and channels-last in training steps), ``fast``
 (folded and channels-last everywhere) and ``fast bf16`` (fast under bf16 autocast). For each case
-the variants are timed round-robin, round by round, so machine noise hits all alike; the
-medians and their ratios to ``original`` are printed:
+the variants are timed round-robin, each round starting one variant further along, so machine
+noise and the order hit all alike; the medians and their ratios to ``original`` are printed:
 
 - eval forward (``torch.no_grad``), and
 - train step: forward + DETR criterion (``SetCriterion``, Hungarian matching) + backward,
@@ -117,12 +117,20 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
 
 
 def interleaved(steps: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each step, timed round-robin after one warm-up call each."""
+    """Median seconds per call of each step, timed round-robin after one warm-up call each.
+
+    Each round starts one step further along (A B C, B C A, C A B, ...), so that no step always
+    runs after the same other one: what a step leaves behind (freed memory, the allocator's
+    thresholds) changes the time of the next, by up to a third on this project's CPU machine.
+    """
     for step in steps.values():
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
+    names = list(steps)
+    for round_index in range(rounds):
+        first = round_index % len(names)
+        for name in names[first:] + names[:first]:
+            step = steps[name]
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)

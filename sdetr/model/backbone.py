@@ -6,7 +6,10 @@ How it computes is a :class:`BackboneSpeed`, picked by name (``Backbone.set_spee
 - ``"default"``: inference is torchvision's result, bit for bit: with autograd off the frozen
   batch norms, ReLUs and residual adds run in place on the convolutions' fresh outputs (the
   same operations in the same order, fewer allocations; torchvision's own forward wherever a
-  forward hook sits on a block's modules). In training steps (training mode with autograd
+  forward hook sits on a block's modules). On a CPU in float32, with no hook anywhere in the
+  body, the activations also stay in oneDNN's blocked layout from the stem to the returned
+  levels (:mod:`sdetr.model.blocked_layout`), which saves two reorders per convolution and
+  keeps every number. In training steps (training mode with autograd
   recording) the frozen batch norms are folded into their convolutions, the folded weights
   recomputed every step (:mod:`sdetr.model.resnet_blocks`), and the convolutions run
   channels-last. Eval-mode forwards with autograd on (gradient attributions) are
@@ -38,6 +41,7 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from sdetr.config import ModelConfig
+from sdetr.model.blocked_layout import blocked_layout_available, dense_convolution_is_onednn
 from sdetr.model.max_pool import stem_max_pool
 from sdetr.model.resnet_blocks import (
     FoldedBasicBlock,
@@ -70,6 +74,11 @@ class BackboneSpeed:
             modules (a hook could hold an output that the next operation would overwrite).
         fast_max_pool: compute the stem's max pool on NCHW inputs in a faster way with the same
             values and gradients, bit for bit (:mod:`sdetr.model.max_pool`); any backbone.
+        blocked_inference: where the in-place inference runs the whole backbone (no hook on
+            any of its modules) on a CPU in float32 without autocast, keep the activations in
+            oneDNN's blocked layout between convolutions (:mod:`sdetr.model.blocked_layout`):
+            the same result bit for bit, without the reorders to and from NCHW around each
+            convolution.
     All others apply to frozen-BatchNorm backbones only.
     """
 
@@ -79,6 +88,7 @@ class BackboneSpeed:
     channels_last_inference: bool = False
     in_place_inference: bool = True
     fast_max_pool: bool = True
+    blocked_inference: bool = True
 
 
 #: Named speeds: ``default``, ``fast`` and ``exact`` (torchvision's modules, bit for bit).
@@ -86,7 +96,11 @@ BACKBONE_SPEEDS: dict[str, BackboneSpeed] = {
     "default": BackboneSpeed(),
     "fast": BackboneSpeed(fold_inference=True, channels_last_inference=True),
     "exact": BackboneSpeed(
-        fold_training=False, channels_last_training=False, in_place_inference=False, fast_max_pool=False
+        fold_training=False,
+        channels_last_training=False,
+        in_place_inference=False,
+        fast_max_pool=False,
+        blocked_inference=False,
     ),
 }
 
@@ -157,6 +171,38 @@ class Backbone(nn.Module):
         speed = self.speed
         return speed.channels_last_training if is_training_step(self) else speed.channels_last_inference
 
+    def _runs_blocked(self, images: Tensor) -> bool:
+        """Whether this forward keeps oneDNN's blocked layout (``blocked_inference``): unfolded
+        in-place inference through every module of the body, float32 on a CPU, no autocast,
+        not inside ``torch.compile``, frozen batch norms, and oneDNN for layer1's convolutions."""
+        speed = self.speed
+        return (
+            speed.blocked_inference
+            and speed.in_place_inference
+            and not folds(self, speed)
+            and isinstance(self.body.bn1, FrozenBatchNorm2d)
+            and images.dtype == torch.float32
+            and images.device.type == "cpu"
+            and images.numel() > 0
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+            and blocked_layout_available()
+            and runs_in_place(self.body.modules())
+            and self._layer1_convolves_with_onednn(images.shape)
+        )
+
+    def _layer1_convolves_with_onednn(self, shape: torch.Size) -> bool:
+        """Whether PyTorch would convolve layer1's first (dense) input with oneDNN. Where it
+        would not (1x1 convolutions on one thread, for example), most convolutions would take a
+        dense detour in the blocked path, which is then slower than the NCHW path.
+
+        Args:
+            shape: the images' ``[B, 3, H, W]``; layer1's input is ``[B, 64, ceil(H/4), ceil(W/4)]``.
+        """
+        conv = self.body.layer1[0].conv1
+        batch, _, height, width = shape
+        return dense_convolution_is_onednn(conv, torch.Size([batch, conv.in_channels, -(-height // 4), -(-width // 4)]))
+
     def load_imagenet_weights(self, path: str | Path) -> None:
         """Load torchvision-format ImageNet weights from a local file (never downloads)."""
         path = Path(path)
@@ -185,16 +231,24 @@ class Backbone(nn.Module):
         mask: ``[B, H, W]`` True on padded pixels.
         """
         body, speed = self.body, self.speed
-        x = images.contiguous(memory_format=torch.channels_last) if self._channels_last() else images  # NHWC
         fold = folds(self, speed)
+        blocked = self._runs_blocked(images)
+        if blocked:
+            x = images.to_mkldnn()  # opaque oneDNN [B, 3, H, W] until the levels come out
+        elif self._channels_last():
+            x = images.contiguous(memory_format=torch.channels_last)  # NHWC
+        else:
+            x = images
         in_place = speed.in_place_inference and runs_in_place((body.conv1, body.bn1))
         x = conv_norm(body.conv1, body.bn1, x, fold, in_place).relu_()  # [B, 64, H/2, W/2]; in place, as torchvision
-        x = stem_max_pool(body.maxpool, x) if speed.fast_max_pool else body.maxpool(x)  # [B, 64, H/4, W/4]
+        fast_pool = speed.fast_max_pool and not blocked  # oneDNN's own pool is fast
+        x = stem_max_pool(body.maxpool, x) if fast_pool else body.maxpool(x)  # [B, 64, H/4, W/4]
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for level_name, layer_name in (("c2", "layer1"), ("c3", "layer2"), *LEVEL_LAYERS.items()):
             x = getattr(body, layer_name)(x)  # [B, C, H/stride, W/stride]
             if level_name in self.levels:
-                out[level_name] = (x.contiguous(), resize_mask(mask, x.shape[-2:]))  # back to NCHW
+                features = x.to_dense() if blocked else x.contiguous()  # back to NCHW
+                out[level_name] = (features, resize_mask(mask, x.shape[-2:]))
             if len(out) == len(self.levels):
                 break
         return out

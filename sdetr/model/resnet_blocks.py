@@ -34,6 +34,8 @@ from torch.nn.modules import module as nn_module
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from sdetr.model.blocked_layout import blocked_alias, dense_convolution_is_onednn
+
 
 def frozen_norm_(norm: FrozenBatchNorm2d, x: Tensor) -> Tensor:
     """``norm(x)``, computed in place on ``x`` with the operations of torchvision's
@@ -46,7 +48,8 @@ def frozen_norm_(norm: FrozenBatchNorm2d, x: Tensor) -> Tensor:
     Args:
         norm: the frozen batch norm (its ``weight``, ``bias``, ``running_mean``, ``running_var``
             are ``[C]`` buffers).
-        x: ``[B, C, H, W]``, overwritten when computed in place.
+        x: ``[B, C, H, W]``, overwritten when computed in place; dense, or an opaque oneDNN
+            tensor (:mod:`sdetr.model.blocked_layout`), whose result is then oneDNN too.
     Returns:
         ``[B, C, H, W]``: ``x`` itself, or a new tensor in the promoted dtype.
     """
@@ -54,7 +57,28 @@ def frozen_norm_(norm: FrozenBatchNorm2d, x: Tensor) -> Tensor:
         return norm(x)
     scale = norm.weight.reshape(1, -1, 1, 1) * (norm.running_var.reshape(1, -1, 1, 1) + norm.eps).rsqrt()
     bias = norm.bias.reshape(1, -1, 1, 1) - norm.running_mean.reshape(1, -1, 1, 1) * scale  # [1, C, 1, 1]
+    if x.is_mkldnn:
+        return _frozen_norm_blocked_(scale, bias, x)
     return x.mul_(scale).add_(bias)
+
+
+def _frozen_norm_blocked_(scale: Tensor, bias: Tensor, x: Tensor) -> Tensor:
+    """``x * scale + bias`` (two roundings, as torchvision) in place on an opaque oneDNN tensor.
+
+    Args:
+        scale, bias: ``[1, C, 1, 1]``.
+        x: oneDNN ``[B, C, H, W]``, overwritten; through a dense copy (same numbers) when its
+            layout cannot be aliased.
+    Returns:
+        ``x`` itself, or a new oneDNN tensor (the dense detour).
+    """
+    alias = blocked_alias(x)  # [B, C / b, H, W, b]
+    if alias is None:
+        return x.to_dense().mul_(scale).add_(bias).to_mkldnn()
+    block = alias.shape[-1]
+    channels = (1, -1, 1, 1, block)  # channel c = (c // b, c % b), as in the alias
+    alias.mul_(scale.reshape(channels)).add_(bias.reshape(channels))
+    return x
 
 
 def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool, in_place: bool = False) -> Tensor:
@@ -69,6 +93,8 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool, in_place:
     if not isinstance(norm, FrozenBatchNorm2d):
         return norm(conv(x))
     if not fold:
+        if x.is_mkldnn:
+            return _conv_norm_blocked(conv, norm, x)
         return frozen_norm_(norm, conv(x)) if in_place else norm(conv(x))
     scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # [C_out]
     weight = conv.weight * scale[:, None, None, None]  # [C_out, C_in / groups, k, k]
@@ -76,6 +102,15 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool, in_place:
     if conv.bias is not None:
         bias = bias + conv.bias * scale
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _conv_norm_blocked(conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: Tensor) -> Tensor:
+    """``norm(conv(x))`` in place, for an opaque oneDNN ``x`` ``[B, C_in, H, W]``, with the numbers
+    of the dense path: oneDNN's convolution where PyTorch would use it on the dense input, else
+    PyTorch's own on a dense copy. Returns a oneDNN ``[B, C_out, H', W']``."""
+    if dense_convolution_is_onednn(conv, x.shape):
+        return frozen_norm_(norm, conv(x))
+    return frozen_norm_(norm, conv(x.to_dense())).to_mkldnn()
 
 
 def forward_hooks_on(modules: Iterable[nn.Module]) -> bool:
