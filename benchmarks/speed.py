@@ -3,14 +3,15 @@
 ``original``: the test suite's independent re-statement of the original forward
 (``tests/reference_impl.py``: sequence-first ``nn.MultiheadAttention`` with its default
 ``need_weights=True``, frozen batch norm as separate ops), with the stem and layer1 frozen as the
-original training script froze them (the project's models freeze the same). The project's model, as
-``load_model`` returns it, at each backbone speed (``sdetr.BACKBONE_SPEEDS``): ``exact``
+original training script froze them (the project's models freeze the same). The project's model,
+as ``load_model`` returns it, at each backbone speed (``sdetr.BACKBONE_SPEEDS``): ``exact``
 (torchvision's modules and forward everywhere), ``sdetr`` (the default: torchvision's result in
 inference, bit for bit, its frozen batch norms, ReLUs and residual adds computed in place, in
-oneDNN's blocked layout on a CPU; frozen batch norm folded into the convolutions and channels-last in training steps), ``fast``
-(folded and channels-last everywhere) and ``fast bf16`` (fast under bf16 autocast). For each case
-the variants are timed round-robin, each round starting one variant further along, so machine
-noise and the order hit all alike; the medians and their ratios to ``original`` are printed:
+oneDNN's blocked layout on a CPU; frozen batch norm folded into the convolutions and
+channels-last in training steps), ``fast`` (folded and channels-last everywhere) and ``fast
+bf16`` (fast under bf16 autocast). For each case the variants are timed round by round, each
+round in its own seeded random order, so machine noise and the order hit all alike; the medians
+and their ratios to ``original`` are printed:
 
 - eval forward (``torch.no_grad``), and
 - train step: forward + DETR criterion (``SetCriterion``, Hungarian matching) + backward,
@@ -30,6 +31,7 @@ import argparse
 import importlib
 import json
 import platform
+import random
 import statistics
 import sys
 import time
@@ -116,23 +118,24 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     return Path(path)
 
 
-def interleaved(steps: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each step, timed round-robin after one warm-up call each.
+def interleaved(steps: dict[str, Callable[[], Any]], rounds: int, seed: int = 0) -> dict[str, float]:
+    """Median seconds per call of each step, timed round by round after one warm-up call each.
 
-    Each round starts one step further along (A B C, B C A, C A B, ...), so that no step always
-    runs after the same other one: what a step leaves behind (freed memory, the allocator's
-    thresholds) changes the time of the next, by up to a third on this project's CPU machine.
+    Each round runs the steps in its own random order (seeded by ``seed``), so that no step
+    systematically runs after the same other one: what a step leaves behind (freed memory, the
+    allocator's thresholds) changes the time of the next, by up to a third on this project's CPU
+    machine.
     """
     for step in steps.values():
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for round_index in range(rounds):
-        first = round_index % len(names)
-        for name in names[first:] + names[:first]:
-            step = steps[name]
+    order = list(steps)
+    shuffler = random.Random(seed)
+    for _ in range(rounds):
+        shuffler.shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            step()
+            steps[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 

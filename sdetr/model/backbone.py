@@ -46,6 +46,7 @@ from sdetr.model.max_pool import stem_max_pool
 from sdetr.model.resnet_blocks import (
     FoldedBasicBlock,
     FoldedBottleneck,
+    block_path,
     build_resnet,
     conv_norm,
     folds,
@@ -174,8 +175,10 @@ class Backbone(nn.Module):
     def _runs_blocked(self, images: Tensor) -> bool:
         """Whether this forward keeps oneDNN's blocked layout (``blocked_inference``): unfolded
         in-place inference through every module of the body, float32 on a CPU, no autocast,
-        not inside ``torch.compile``, frozen batch norms, and oneDNN for layer1's convolutions."""
+        not inside ``torch.compile`` or a trace, NCHW images and weights, frozen batch norms,
+        every block on its in-place path, and oneDNN for layer1's first convolution."""
         speed = self.speed
+        body = self.body
         return (
             speed.blocked_inference
             and speed.in_place_inference
@@ -184,10 +187,19 @@ class Backbone(nn.Module):
             and images.dtype == torch.float32
             and images.device.type == "cpu"
             and images.numel() > 0
+            and images.is_contiguous()  # NCHW, as are the weights below: NHWC takes other kernels
             and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()  # a trace would keep the blocked memory's addresses
+            and not torch.jit.is_scripting()
             and blocked_layout_available()
-            and runs_in_place(self.body.modules())
+            and runs_in_place(body.modules())
+            and all(m.weight.is_contiguous() for m in body.modules() if isinstance(m, nn.Conv2d))
+            and all(
+                block_path(b) == "in_place"
+                for b in body.modules()
+                if isinstance(b, FoldedBasicBlock | FoldedBottleneck)
+            )
             and self._layer1_convolves_with_onednn(images.shape)
         )
 

@@ -7,7 +7,8 @@ switch that applies off, the block runs exactly as torchvision's: in inference (
 ``in_place_inference``, no forward hooks on its modules) with the frozen batch norms, ReLUs and
 residual add applied in place on the convolutions' fresh outputs, the same operations in the
 same order (bit for bit torchvision's result, fewer allocations); otherwise torchvision's own
-forward.
+forward. The in-place path also takes opaque oneDNN tensors, which the backbone passes in its
+blocked-layout inference (:mod:`sdetr.model.blocked_layout`); the blocks' code is the same.
 
 A frozen batch norm is an affine map per channel, ``y = x * s + t`` with
 ``s = weight / sqrt(running_var + eps)`` and ``t = bias - running_mean * s``, so
@@ -34,7 +35,7 @@ from torch.nn.modules import module as nn_module
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from sdetr.model.blocked_layout import blocked_alias, dense_convolution_is_onednn
+from sdetr.model.blocked_layout import dense_convolution_is_onednn, scale_shift_
 
 
 def frozen_norm_(norm: FrozenBatchNorm2d, x: Tensor) -> Tensor:
@@ -51,39 +52,22 @@ def frozen_norm_(norm: FrozenBatchNorm2d, x: Tensor) -> Tensor:
         x: ``[B, C, H, W]``, overwritten when computed in place; dense, or an opaque oneDNN
             tensor (:mod:`sdetr.model.blocked_layout`), whose result is then oneDNN too.
     Returns:
-        ``[B, C, H, W]``: ``x`` itself, or a new tensor in the promoted dtype.
+        ``[B, C, H, W]``: ``x`` itself, or a new tensor in the promoted dtype (dense ``x``), or a
+        new oneDNN tensor where a oneDNN ``x``'s layout cannot be aliased.
     """
     if torch.promote_types(x.dtype, norm.weight.dtype) != x.dtype:
         return norm(x)
     scale = norm.weight.reshape(1, -1, 1, 1) * (norm.running_var.reshape(1, -1, 1, 1) + norm.eps).rsqrt()
     bias = norm.bias.reshape(1, -1, 1, 1) - norm.running_mean.reshape(1, -1, 1, 1) * scale  # [1, C, 1, 1]
     if x.is_mkldnn:
-        return _frozen_norm_blocked_(scale, bias, x)
+        return scale_shift_(x, scale.flatten(), bias.flatten())
     return x.mul_(scale).add_(bias)
-
-
-def _frozen_norm_blocked_(scale: Tensor, bias: Tensor, x: Tensor) -> Tensor:
-    """``x * scale + bias`` (two roundings, as torchvision) in place on an opaque oneDNN tensor.
-
-    Args:
-        scale, bias: ``[1, C, 1, 1]``.
-        x: oneDNN ``[B, C, H, W]``, overwritten; through a dense copy (same numbers) when its
-            layout cannot be aliased.
-    Returns:
-        ``x`` itself, or a new oneDNN tensor (the dense detour).
-    """
-    alias = blocked_alias(x)  # [B, C / b, H, W, b]
-    if alias is None:
-        return x.to_dense().mul_(scale).add_(bias).to_mkldnn()
-    block = alias.shape[-1]
-    channels = (1, -1, 1, 1, block)  # channel c = (c // b, c % b), as in the alias
-    alias.mul_(scale.reshape(channels)).add_(bias.reshape(channels))
-    return x
 
 
 def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool, in_place: bool = False) -> Tensor:
     """``norm(conv(x))``; in one convolution when ``fold`` and ``norm`` is a frozen batch norm,
-    else with the frozen batch norm applied in place on the convolution's output when ``in_place``.
+    else with the frozen batch norm applied in place on the convolution's output when ``in_place``
+    or when ``x`` is a oneDNN tensor (the blocked path, which is in place by construction).
 
     Args:
         x: ``[B, C_in, H, W]``.
