@@ -10,9 +10,8 @@ inference, bit for bit, its frozen batch norms, ReLUs and residual adds computed
 oneDNN's blocked layout on a CPU; frozen batch norm folded into the convolutions and
 channels-last in training steps), ``fast`` (folded and channels-last everywhere) and ``fast
 bf16`` (fast under bf16 autocast). For each case the variants are timed round by round, each
-round in its own seeded random order, so machine noise and the order hit all alike, and each
-case (and the quickstart rates) in a fresh process of its own; the medians and their ratios to
-``original`` are printed:
+round in its own seeded random order, so machine noise and the order hit all alike; the medians
+and their ratios to ``original`` are printed:
 
 - eval forward (``torch.no_grad``), and
 - train step: forward + DETR criterion (``SetCriterion``, Hungarian matching) + backward,
@@ -31,7 +30,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import multiprocessing
 import platform
 import random
 import statistics
@@ -228,24 +226,6 @@ def quickstart_steps(rounds: int) -> dict[str, Any]:
     }
 
 
-def compare_named_case(case: str, rounds: int, compiled: bool) -> dict[str, Any]:
-    """:func:`compare_case` for ``case`` written ``PRESET:HxWxB`` (``sdetr:512x512x2``)."""
-    preset, size = case.split(":")
-    height, width, batch = (int(v) for v in size.split("x"))
-    return compare_case(preset, height, width, batch, rounds, compiled)
-
-
-def in_own_process(function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """``function(*args)`` in a fresh (spawned) Python process; its result comes back pickled.
-
-    Each case gets its own process, its variants interleaved inside it: in one process, a case
-    measured after another found the original up to 1.4x faster and lost its lead (``sdetr``
-    512x512 eval 1.00x second against 1.35-1.72x first), the allocator's state left by the first.
-    """
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -258,7 +238,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"{'case':<26} {'variant':<14} {'eval':>9} {'x orig':>7} {'train':>9} {'x orig':>7} {'max |diff|':>11}")
     for case in args.cases:
-        result = in_own_process(compare_named_case, case, args.rounds, args.compile)
+        preset, size = case.split(":")
+        height, width, batch = (int(v) for v in size.split("x"))
+        result = compare_case(preset, height, width, batch, args.rounds, args.compile)
         results.append(result)
         for name in result["eval_s"]:
             print(
@@ -267,7 +249,7 @@ def main() -> None:
                 f"{result['train_speedup'][name]:>6.2f}x {result['max_abs_output_diff'][name]:>11.1e}"
             )
     if args.quickstart:
-        quick = in_own_process(quickstart_steps, args.rounds)
+        quick = quickstart_steps(args.rounds)
         results.append(quick)
         for name, rate in quick["steps_per_s"].items():
             print(f"{quick['case']:<26} {name:<18} {rate:>6.2f} steps/s {quick['speedup'][name]:>6.2f}x")
