@@ -177,13 +177,12 @@ class Backbone(nn.Module):
         in-place inference through every module of the body, float32 on a CPU, no autocast,
         not inside ``torch.compile`` or a trace, NCHW images and weights, frozen batch norms,
         every block on its in-place path, and oneDNN for layer1's first convolution."""
-        speed = self.speed
-        body = self.body
-        return (
+        speed, body = self.speed, self.body
+        if not (
             speed.blocked_inference
             and speed.in_place_inference
             and not folds(self, speed)
-            and isinstance(self.body.bn1, FrozenBatchNorm2d)
+            and isinstance(body.bn1, FrozenBatchNorm2d)
             and images.dtype == torch.float32
             and images.device.type == "cpu"
             and images.numel() > 0
@@ -193,13 +192,13 @@ class Backbone(nn.Module):
             and not torch.jit.is_tracing()  # a trace would keep the blocked memory's addresses
             and not torch.jit.is_scripting()
             and blocked_layout_available()
-            and runs_in_place(body.modules())
-            and all(m.weight.is_contiguous() for m in body.modules() if isinstance(m, nn.Conv2d))
-            and all(
-                block_path(b) == "in_place"
-                for b in body.modules()
-                if isinstance(b, FoldedBasicBlock | FoldedBottleneck)
-            )
+        ):
+            return False
+        modules = list(body.modules())  # walked once for the three checks below
+        return (
+            runs_in_place(modules)
+            and all(m.weight.is_contiguous() for m in modules if isinstance(m, nn.Conv2d))
+            and all(block_path(b) == "in_place" for b in modules if isinstance(b, FoldedBasicBlock | FoldedBottleneck))
             and self._layer1_convolves_with_onednn(images.shape)
         )
 
