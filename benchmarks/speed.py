@@ -10,8 +10,10 @@ inference, bit for bit, its frozen batch norms, ReLUs and residual adds computed
 oneDNN's blocked layout on a CPU; frozen batch norm folded into the convolutions and
 channels-last in training steps), ``fast`` (folded and channels-last everywhere) and ``fast
 bf16`` (fast under bf16 autocast). For each case the variants are timed round by round, each
-round in its own seeded random order, so machine noise and the order hit all alike; the medians
-and their ratios to ``original`` are printed:
+round in its own seeded random order, so machine noise and the order hit all alike, and each
+case (and the quickstart rates) runs in a fresh Python process of its own, since a case measured
+after another in one process inherits its allocator state; the medians and their ratios to
+``original`` are printed:
 
 - eval forward (``torch.no_grad``), and
 - train step: forward + DETR criterion (``SetCriterion``, Hungarian matching) + backward,
@@ -33,7 +35,9 @@ import json
 import platform
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -226,6 +230,38 @@ def quickstart_steps(rounds: int) -> dict[str, Any]:
     }
 
 
+def run_one(name: str, rounds: int, compiled: bool) -> dict[str, Any]:
+    """One case (``PRESET:HxWxB``, e.g. ``sdetr:512x512x2``) or ``quickstart``, in this process."""
+    if name == "quickstart":
+        return quickstart_steps(rounds)
+    preset, size = name.split(":")
+    height, width, batch = (int(v) for v in size.split("x"))
+    return compare_case(preset, height, width, batch, rounds, compiled)
+
+
+def in_fresh_process(name: str, rounds: int, compiled: bool) -> dict[str, Any]:
+    """:func:`run_one` in a new Python interpreter (this script with ``--only``); its JSON result
+    comes back through a temporary file. The parent only waits, so it takes no CPU meanwhile."""
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "result.json"
+        command = [sys.executable, __file__, "--only", name, "--rounds", str(rounds), "--output", str(result)]
+        subprocess.run(command + (["--compile"] if compiled else []), check=True)
+        return dict(json.loads(result.read_text()))
+
+
+def print_result(result: dict[str, Any]) -> None:
+    if "steps_per_s" in result:
+        for name, rate in result["steps_per_s"].items():
+            print(f"{result['case']:<26} {name:<18} {rate:>6.2f} steps/s {result['speedup'][name]:>6.2f}x")
+        return
+    for name in result["eval_s"]:
+        print(
+            f"{result['case']:<26} {name:<14} {result['eval_s'][name] * 1e3:>7.1f}ms "
+            f"{result['eval_speedup'][name]:>6.2f}x {result['train_s'][name] * 1e3:>7.1f}ms "
+            f"{result['train_speedup'][name]:>6.2f}x {result['max_abs_output_diff'][name]:>11.1e}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -233,26 +269,17 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd fast mode (minutes to compile)")
     parser.add_argument("--no_quickstart", dest="quickstart", action="store_false", help="skip the quickstart rates")
     parser.add_argument("--output", default="outputs/benchmarks/speed.json")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # one case in this process (what each child runs)
     args = parser.parse_args()
-    results: list[dict[str, Any]] = []
+    if args.only:
+        write_json(args.output, run_one(args.only, args.rounds, args.compile))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"{'case':<26} {'variant':<14} {'eval':>9} {'x orig':>7} {'train':>9} {'x orig':>7} {'max |diff|':>11}")
-    for case in args.cases:
-        preset, size = case.split(":")
-        height, width, batch = (int(v) for v in size.split("x"))
-        result = compare_case(preset, height, width, batch, args.rounds, args.compile)
-        results.append(result)
-        for name in result["eval_s"]:
-            print(
-                f"{result['case']:<26} {name:<14} {result['eval_s'][name] * 1e3:>7.1f}ms "
-                f"{result['eval_speedup'][name]:>6.2f}x {result['train_s'][name] * 1e3:>7.1f}ms "
-                f"{result['train_speedup'][name]:>6.2f}x {result['max_abs_output_diff'][name]:>11.1e}"
-            )
-    if args.quickstart:
-        quick = quickstart_steps(args.rounds)
-        results.append(quick)
-        for name, rate in quick["steps_per_s"].items():
-            print(f"{quick['case']:<26} {name:<18} {rate:>6.2f} steps/s {quick['speedup'][name]:>6.2f}x")
+    results: list[dict[str, Any]] = []
+    for name in args.cases + (["quickstart"] if args.quickstart else []):
+        results.append(in_fresh_process(name, args.rounds, args.compile))
+        print_result(results[-1])
     out = write_json(args.output, {"rounds": args.rounds, "torch": torch.__version__, "results": results})
     print(f"wrote {out}")
 
