@@ -1,4 +1,4 @@
-"""The project against the original code, side by side in one process, on the same weights.
+"""The project against the original code, side by side in one process per case, on the same weights.
 
 ``original``: the test suite's independent re-statement of the original forward
 (``tests/reference_impl.py``: sequence-first ``nn.MultiheadAttention`` with its default
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import random
 import statistics
@@ -230,57 +231,92 @@ def quickstart_steps(rounds: int) -> dict[str, Any]:
     }
 
 
+def case_name(text: str) -> str:
+    """``text`` if it names a benchmark case (``PRESET:HxWxB``, PRESET ``sdetr`` or ``detr``);
+    checked when the arguments are parsed, before any case runs."""
+    preset, _, size = text.partition(":")
+    parts = size.split("x")
+    if preset not in ("sdetr", "detr") or len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write a case as PRESET:HxWxB, e.g. sdetr:512x512x2 or detr:800x1333x1"
+        )
+    return text
+
+
 def run_one(name: str, rounds: int, compiled: bool) -> dict[str, Any]:
-    """One case (``PRESET:HxWxB``, e.g. ``sdetr:512x512x2``) or ``quickstart``, in this process."""
+    """One case (``PRESET:HxWxB``, e.g. ``sdetr:512x512x2``) or ``quickstart``, in this process;
+    the result records the process id (``pid``)."""
     if name == "quickstart":
-        return quickstart_steps(rounds)
-    preset, size = name.split(":")
-    height, width, batch = (int(v) for v in size.split("x"))
-    return compare_case(preset, height, width, batch, rounds, compiled)
+        result = quickstart_steps(rounds)
+    else:
+        preset, size = name.split(":")
+        height, width, batch = (int(v) for v in size.split("x"))
+        result = compare_case(preset, height, width, batch, rounds, compiled)
+    return {**result, "pid": os.getpid()}
+
+
+class CaseFailedError(RuntimeError):
+    """A case's child process exited with an error (its traceback is on stderr above)."""
 
 
 def in_fresh_process(name: str, rounds: int, compiled: bool) -> dict[str, Any]:
     """:func:`run_one` in a new Python interpreter (this script with ``--only``); its JSON result
-    comes back through a temporary file. The parent only waits, so it takes no CPU meanwhile."""
+    comes back through a temporary file. The parent only waits, so it takes no CPU meanwhile.
+
+    Raises:
+        CaseFailedError: the child exited with an error.
+    """
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
         command = [sys.executable, __file__, "--only", name, "--rounds", str(rounds), "--output", str(result)]
-        subprocess.run(command + (["--compile"] if compiled else []), check=True)
+        child = subprocess.run(command + (["--compile"] if compiled else []), check=False)
+        if child.returncode != 0:
+            raise CaseFailedError(f"case {name} failed in its process (exit status {child.returncode})")
         return dict(json.loads(result.read_text()))
 
 
 def print_result(result: dict[str, Any]) -> None:
+    """One row per variant: times and ratios of a case, or steps per second of the quickstart."""
     if "steps_per_s" in result:
         for name, rate in result["steps_per_s"].items():
-            print(f"{result['case']:<26} {name:<18} {rate:>6.2f} steps/s {result['speedup'][name]:>6.2f}x")
+            print(f"{result['case']:<26} {name:<18} {rate:>6.2f} steps/s {result['speedup'][name]:>6.2f}x", flush=True)
         return
     for name in result["eval_s"]:
         print(
             f"{result['case']:<26} {name:<14} {result['eval_s'][name] * 1e3:>7.1f}ms "
             f"{result['eval_speedup'][name]:>6.2f}x {result['train_s'][name] * 1e3:>7.1f}ms "
-            f"{result['train_speedup'][name]:>6.2f}x {result['max_abs_output_diff'][name]:>11.1e}"
+            f"{result['train_speedup'][name]:>6.2f}x {result['max_abs_output_diff'][name]:>11.1e}",
+            flush=True,
         )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--cases", nargs="*", default=list(DEFAULT_CASES), help="PRESET:HxWxB, PRESET in sdetr/detr")
+    parser.add_argument("--cases", nargs="*", type=case_name, default=list(DEFAULT_CASES), help="PRESET:HxWxB")
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd fast mode (minutes to compile)")
     parser.add_argument("--no_quickstart", dest="quickstart", action="store_false", help="skip the quickstart rates")
     parser.add_argument("--output", default="outputs/benchmarks/speed.json")
-    parser.add_argument("--only", help=argparse.SUPPRESS)  # one case in this process (what each child runs)
+    # What each child runs: one case (or "quickstart") in this process, its bare result dict to --output.
+    parser.add_argument("--only", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.only:
+    if args.only is not None:
         write_json(args.output, run_one(args.only, args.rounds, args.compile))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"{'case':<26} {'variant':<14} {'eval':>9} {'x orig':>7} {'train':>9} {'x orig':>7} {'max |diff|':>11}")
     results: list[dict[str, Any]] = []
+    failed = None
     for name in args.cases + (["quickstart"] if args.quickstart else []):
-        results.append(in_fresh_process(name, args.rounds, args.compile))
+        try:
+            results.append(in_fresh_process(name, args.rounds, args.compile))
+        except CaseFailedError as error:
+            failed = error
+            break
         print_result(results[-1])
     out = write_json(args.output, {"rounds": args.rounds, "torch": torch.__version__, "results": results})
+    if failed is not None:  # the finished cases are kept in the file
+        raise SystemExit(f"benchmarks/speed.py: {failed}; the {len(results)} finished case(s) are in {out}")
     print(f"wrote {out}")
 
 

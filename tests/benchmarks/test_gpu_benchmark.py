@@ -3,11 +3,7 @@ reference's freezing, which decides that both sides of the benchmark train the s
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -16,28 +12,9 @@ from hypothesis import strategies as st
 
 from sdetr import load_model
 from tests import reference_impl
+from tests.benchmarks import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str) -> ModuleType:
-    """Import ``benchmarks/<name>.py``; ``sys.path`` and ``sys.modules`` are left as they were."""
-    path, modules = list(sys.path), set(sys.modules)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path[:] = path
-        for added in set(sys.modules) - modules:
-            if added == "speed":  # the benchmarks' shared module, imported by path
-                del sys.modules[added]
-
-
-gpu = _load("gpu")
+gpu = load_benchmark("gpu")
 
 
 @settings(max_examples=200, deadline=None)
