@@ -231,27 +231,32 @@ def quickstart_steps(rounds: int) -> dict[str, Any]:
     }
 
 
-def case_name(text: str) -> str:
-    """``text`` if it names a benchmark case (``PRESET:HxWxB``, PRESET ``sdetr`` or ``detr``);
-    checked when the arguments are parsed, before any case runs."""
+def parse_case(text: str) -> tuple[str, int, int, int]:
+    """Preset, height, width and batch of a case written ``PRESET:HxWxB`` (``sdetr:512x512x2``).
+
+    Raises:
+        argparse.ArgumentTypeError: not that form, or a preset other than ``sdetr`` and ``detr``.
+    """
     preset, _, size = text.partition(":")
     parts = size.split("x")
     if preset not in ("sdetr", "detr") or len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(
             f"{text!r}: write a case as PRESET:HxWxB, e.g. sdetr:512x512x2 or detr:800x1333x1"
         )
+    height, width, batch = (int(p) for p in parts)
+    return preset, height, width, batch
+
+
+def case_name(text: str) -> str:
+    """``text``, checked by :func:`parse_case` when the arguments are parsed, before any case runs."""
+    parse_case(text)
     return text
 
 
 def run_one(name: str, rounds: int, compiled: bool) -> dict[str, Any]:
     """One case (``PRESET:HxWxB``, e.g. ``sdetr:512x512x2``) or ``quickstart``, in this process;
     the result records the process id (``pid``)."""
-    if name == "quickstart":
-        result = quickstart_steps(rounds)
-    else:
-        preset, size = name.split(":")
-        height, width, batch = (int(v) for v in size.split("x"))
-        result = compare_case(preset, height, width, batch, rounds, compiled)
+    result = quickstart_steps(rounds) if name == "quickstart" else compare_case(*parse_case(name), rounds, compiled)
     return {**result, "pid": os.getpid()}
 
 

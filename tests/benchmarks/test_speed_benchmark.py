@@ -1,6 +1,6 @@
 """benchmarks/speed.py end to end on tiny cases: each case runs in a child process of its own
-whose JSON comes back to the parent, the project's variants compute what the original does, and
-a malformed case is refused before anything runs."""
+whose JSON comes back to the parent, the project's variants compute what the original does, a
+malformed case is refused before anything runs, and a failed case keeps the finished ones."""
 
 from __future__ import annotations
 
