@@ -96,7 +96,13 @@ class ModelConfig:
         dilation: replace layer4's stride by dilation (DETR-DC5); C5 then has stride 16.
         backbone_weights: optional local file with ImageNet weights (torchvision names).
         backbone_norm: ``"frozen_bn"`` (the original: pretrained statistics, frozen) or
-            ``"group_norm"`` (32 groups; for training the backbone from scratch, batch-independent).
+            ``"group_norm"`` (32 groups at width 1; for training the backbone from scratch,
+            batch-independent).
+        backbone_width: multiplier of every backbone convolution's channels (1: the ResNet as
+            published). 0.5 halves them (ResNet-10: 64..512 -> 32..256), for from-scratch
+            backbones only (ImageNet weights exist at width 1); ``32 * backbone_width`` must be
+            a whole number, and GroupNorm then uses ``32 * backbone_width`` groups, so each group
+            holds as many channels as at width 1.
         freeze_stem: keep conv1, bn1 and layer1 frozen (the original, with pretrained weights).
         hidden_dim / ffn_dim / dropout: transformer sizes.
         position: ``"sine"`` (fixed) or ``"learned"`` position embeddings.
@@ -111,6 +117,7 @@ class ModelConfig:
     dilation: bool = False
     backbone_weights: str | None = None
     backbone_norm: BackboneNorm = "frozen_bn"
+    backbone_width: float = 1.0
     freeze_stem: bool = True
     hidden_dim: int = 256
     ffn_dim: int = 2048
@@ -128,6 +135,7 @@ class ModelConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}; use a positive integer")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout}; use a probability in [0, 1)")
+        self._check_backbone_width()
         if not self.stages:
             raise ConfigError("a model needs at least one stage")
         if self.stages[0].from_previous:
@@ -137,8 +145,26 @@ class ModelConfig:
                 if self.hidden_dim % heads:
                     raise ConfigError(f"stage {i}: hidden_dim={self.hidden_dim} is not divisible by heads={heads}")
 
+    def _check_backbone_width(self) -> None:
+        groups = 32 * self.backbone_width
+        if not (groups >= 1 and groups == round(groups)):
+            raise ConfigError(
+                f"backbone_width={self.backbone_width}; use a positive multiple of 1/32 (e.g. 0.5 or 0.75), "
+                "so that every stage has a whole number of channels and of GroupNorm groups"
+            )
+        if self.backbone_width != 1.0 and self.backbone_weights is not None:
+            raise ConfigError(
+                f"backbone_width={self.backbone_width} with backbone_weights={self.backbone_weights!r}: "
+                "ImageNet weights fit the ResNet at width 1 only; set backbone_width=1 or leave the weights out"
+            )
+
     def feature_channels(self, level: FeatureLevel) -> int:
-        return BACKBONE_CHANNELS[self.backbone][level]
+        """Channels of the backbone level ``level`` at this config's ``backbone_width``."""
+        return round(BACKBONE_CHANNELS[self.backbone][level] * self.backbone_width)
+
+    def group_norm_groups(self) -> int:
+        """GroupNorm groups of a ``group_norm`` backbone: 32 at width 1, in proportion otherwise."""
+        return round(32 * self.backbone_width)
 
     def feature_stride(self, level: FeatureLevel) -> int:
         if level == "c4":

@@ -94,7 +94,15 @@ def test_set_true_in_any_spelling_is_true(word: str) -> None:
 def test_set_values_are_parsed_by_the_field_type() -> None:
     parsed = parse_assignments(
         ModelConfig,
-        ["hidden_dim=128", "dropout=0", "position=learned", "name='mine'", "backbone_weights=none", "num_queries= 7 "],
+        [
+            "hidden_dim=128",
+            "dropout=0",
+            "position=learned",
+            "name='mine'",
+            "backbone_weights=none",
+            "num_queries= 7 ",
+            "backbone_width=0.5",
+        ],
     )
     assert parsed == {
         "hidden_dim": 128,
@@ -103,6 +111,7 @@ def test_set_values_are_parsed_by_the_field_type() -> None:
         "name": "mine",
         "backbone_weights": None,
         "num_queries": 7,
+        "backbone_width": 0.5,
     }
     assert isinstance(parsed["dropout"], float)
     item = "stages=[{'feature': 'c4', 'encoder_layers': 2, 'encoder_heads': [1, 2]}]"

@@ -134,13 +134,17 @@ class Backbone(nn.Module):
     def __init__(self, config: ModelConfig, levels: tuple[str, ...]) -> None:
         super().__init__()
         replace_stride = [False, False, config.dilation]
-        norm_layer = FrozenBatchNorm2d if config.backbone_norm == "frozen_bn" else partial(nn.GroupNorm, 32)
+        norm_layer = (
+            FrozenBatchNorm2d
+            if config.backbone_norm == "frozen_bn"
+            else partial(nn.GroupNorm, config.group_norm_groups())
+        )
         kwargs: dict[str, object] = {"norm_layer": norm_layer}
         if config.backbone in ("resnet50", "resnet101"):
             kwargs["replace_stride_with_dilation"] = replace_stride
         elif config.dilation:
             raise ValueError(f"dilation is only supported for resnet50/101, not {config.backbone}")
-        body = build_resnet(config.backbone, **kwargs)
+        body = build_resnet(config.backbone, config.backbone_width, **kwargs)
         del body.fc, body.avgpool  # classification head: unused, no parameters kept
         self.body = body
         self.backbone_name = config.backbone  # e.g. "resnet50", for error messages

@@ -29,7 +29,6 @@ from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -197,9 +196,59 @@ ARCHITECTURES: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] 
 }
 
 
-def build_resnet(name: str, **kwargs: Any) -> ResNet:
-    """A torchvision ``ResNet`` of depth ``name`` (random weights) built from the folded blocks."""
+#: The output channels of a ResNet's stem and four stages at width 1 (torchvision's, per block
+#: expansion: basic blocks give these, bottlenecks four times the last four).
+STAGE_PLANES = (64, 64, 128, 256, 512)
+
+
+class ScaledResNet(ResNet):
+    """torchvision's ``ResNet`` with every stage's channels multiplied by ``width``.
+
+    At ``width=1`` it is torchvision's model: the same modules in the same order, the same
+    state-dict names and the same initialisation, parameter for parameter from the same seed
+    (tested), so every existing config builds what it built before. ``width=0.5`` halves every
+    convolution's channels (ResNet-10: 64..512 -> 32..256), about a quarter of the convolutions'
+    work; ``64 * width`` must be a whole number (:class:`~sdetr.config.ModelConfig` checks it).
+    Only the constructor differs from torchvision's (which fixes the stem at 64 channels); the
+    forward and ``_make_layer`` are torchvision's.
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: list[int],
+        width: float = 1.0,
+        replace_stride_with_dilation: list[bool] | None = None,
+        norm_layer: Any = nn.BatchNorm2d,
+        num_classes: int = 1000,
+    ) -> None:
+        nn.Module.__init__(self)  # torchvision's constructor, stage widths scaled, from here on
+        stem, *planes = (round(channels * width) for channels in STAGE_PLANES)
+        dilate = replace_stride_with_dilation or [False, False, False]
+        self._norm_layer = norm_layer
+        self.inplanes, self.dilation, self.groups, self.base_width = stem, 1, 1, 64
+        self.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, planes[0], layers[0])
+        self.layer2 = self._make_layer(block, planes[1], layers[1], stride=2, dilate=dilate[0])
+        self.layer3 = self._make_layer(block, planes[2], layers[2], stride=2, dilate=dilate[1])
+        self.layer4 = self._make_layer(block, planes[3], layers[3], stride=2, dilate=dilate[2])
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(planes[3] * block.expansion, num_classes)  # drawn as torchvision's is
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
+                nn.init.constant_(module.weight, 1)
+                nn.init.constant_(module.bias, 0)
+
+
+def build_resnet(name: str, width: float = 1.0, **kwargs: Any) -> ResNet:
+    """A ResNet of depth ``name`` (random weights) built from the folded blocks, its channels
+    times ``width`` (:class:`ScaledResNet`; at 1, torchvision's model)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"backbone={name!r}; supported: {', '.join(ARCHITECTURES)}")
     block, layers = ARCHITECTURES[name]
-    return torchvision.models.ResNet(block, layers, **kwargs)
+    return ScaledResNet(block, layers, width, **kwargs)
