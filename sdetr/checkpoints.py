@@ -23,6 +23,7 @@ from sdetr.config import BACKBONE_CHANNELS, ConfigError, ModelConfig, StageConfi
 from sdetr.errors import UserError
 from sdetr.model.backbone import BackboneSpeed
 from sdetr.model.detector import Detector
+from sdetr.model.resnet_blocks import STAGE_PLANES
 
 #: Marker key of this project's checkpoint files.
 FORMAT_KEY = "sdetr_format"
@@ -117,7 +118,8 @@ def _infer_backbone(keys: set[str]) -> str:
 def infer_config(state: Mapping[str, Tensor], args: Any = None, base: ModelConfig | None = None) -> ModelConfig:
     """Rebuild a :class:`ModelConfig` from an (sdetr-named) state dict and original ``args``.
 
-    Shapes give layer counts, sizes, queries, classes, levels and the backbone. Heads and
+    Shapes give layer counts, sizes, queries, classes, levels and the backbone (its width from the
+    stem's channels). Heads and
     dilation are invisible in shapes: they come from ``args`` (``nheads``, ``dilation``) or
     ``base``, else from the matching preset (``sdetr``: 8 heads, 1 in the stage-2 encoder;
     ``detr``: 8 everywhere).
@@ -132,7 +134,10 @@ def infer_config(state: Mapping[str, Tensor], args: Any = None, base: ModelConfi
     base = base or get_config("sdetr" if len(stage_ids) >= 2 else "detr")
     nheads = getattr(args, "nheads", None)
     backbone = _infer_backbone(keys)
-    channel_to_level = {ch: lvl for lvl, ch in BACKBONE_CHANNELS[backbone].items()}
+    stem = state.get("backbone.body.conv1.weight")  # [64 * width, 3, 7, 7]
+    width = stem.shape[0] / STAGE_PLANES[0] if stem is not None else base.backbone_width
+    shaped = base.replace(backbone=backbone, backbone_width=width, backbone_weights=None)
+    channel_to_level = {shaped.feature_channels(level): level for level in BACKBONE_CHANNELS[backbone]}  # type: ignore[arg-type]
     stages = []
     for index in stage_ids:
         template = base.stages[min(index, len(base.stages)) - 1]
@@ -153,10 +158,8 @@ def infer_config(state: Mapping[str, Tensor], args: Any = None, base: ModelConfi
             )
         )
     first_linear = next(k for k in sorted(keys) if re.match(r"stage1\.(en|de)coder\.layers\.0\.linear1\.weight", k))
-    return base.replace(
-        backbone=backbone,
+    return shaped.replace(
         dilation=bool(getattr(args, "dilation", base.dilation)),
-        backbone_weights=None,
         hidden_dim=state["class_embed.weight"].shape[1],
         ffn_dim=state[first_linear].shape[0],
         dropout=float(getattr(args, "dropout", base.dropout)),

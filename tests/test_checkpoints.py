@@ -112,6 +112,20 @@ def test_basic_block_backbones_are_told_apart_by_their_blocks(backbone: str, blo
     assert load_model(dict(model.state_dict()), preset="sdetr-tiny").config.backbone == backbone
 
 
+@pytest.mark.parametrize("width", [0.5, 0.75, 1.5])
+def test_a_bare_state_dict_gives_its_backbone_width_by_the_stems_channels(width: float) -> None:
+    """Without a stored config the width comes from conv1 (``64 * width`` filters), so the
+    stages' input channels are read as the right levels."""
+    torch.manual_seed(0)
+    model = build_model("sdetr-tiny", num_classes=5, backbone_width=width).eval()
+    loaded = load_model(dict(model.state_dict()), preset="sdetr-tiny")
+    assert loaded.config.backbone_width == width
+    assert [stage.feature for stage in loaded.config.stages] == ["c5", "c4"]
+    images = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(loaded(images)["pred_logits"], model(images)["pred_logits"])
+
+
 def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     path = save_model(build_model("sdetr-tiny"), tmp_path / "full.pth")
     data = path.read_bytes()

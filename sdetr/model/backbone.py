@@ -212,7 +212,8 @@ class Backbone(nn.Module):
         dense detour in the blocked path, which is then slower than the NCHW path.
 
         Args:
-            shape: the images' ``[B, 3, H, W]``; layer1's input is ``[B, 64, ceil(H/4), ceil(W/4)]``.
+            shape: the images' ``[B, 3, H, W]``; layer1's input is ``[B, C0, ceil(H/4), ceil(W/4)]``
+                (``C0``: the stem's channels, 64 at ``backbone_width`` 1).
         """
         conv = self.body.layer1[0].conv1
         batch, _, height, width = shape
@@ -255,9 +256,9 @@ class Backbone(nn.Module):
         else:
             x = images
         in_place = speed.in_place_inference and runs_in_place((body.conv1, body.bn1))
-        x = conv_norm(body.conv1, body.bn1, x, fold, in_place).relu_()  # [B, 64, H/2, W/2]; in place, as torchvision
+        x = conv_norm(body.conv1, body.bn1, x, fold, in_place).relu_()  # [B, C0, H/2, W/2]; in place, as torchvision
         fast_pool = speed.fast_max_pool and not blocked  # oneDNN's own pool is fast
-        x = stem_max_pool(body.maxpool, x) if fast_pool else body.maxpool(x)  # [B, 64, H/4, W/4]
+        x = stem_max_pool(body.maxpool, x) if fast_pool else body.maxpool(x)  # [B, C0, H/4, W/4]
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for level_name, layer_name in (("c2", "layer1"), ("c3", "layer2"), *LEVEL_LAYERS.items()):
             x = getattr(body, layer_name)(x)  # [B, C, H/stride, W/stride]

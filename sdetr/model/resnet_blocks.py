@@ -24,7 +24,7 @@ GroupNorm (and any other norm) is applied as usual.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, Protocol
 
 import torch
@@ -208,7 +208,7 @@ class ScaledResNet(ResNet):
     state-dict names and the same initialisation, parameter for parameter from the same seed
     (tested), so every existing config builds what it built before. ``width=0.5`` halves every
     convolution's channels (ResNet-10: 64..512 -> 32..256), about a quarter of the convolutions'
-    work; ``64 * width`` must be a whole number (:class:`~sdetr.config.ModelConfig` checks it).
+    work; ``32 * width`` must be a whole number (:class:`~sdetr.config.ModelConfig` checks it).
     Only the constructor differs from torchvision's (which fixes the stem at 64 channels); the
     forward and ``_make_layer`` are torchvision's.
     """
@@ -219,12 +219,14 @@ class ScaledResNet(ResNet):
         layers: list[int],
         width: float = 1.0,
         replace_stride_with_dilation: list[bool] | None = None,
-        norm_layer: Any = nn.BatchNorm2d,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
         num_classes: int = 1000,
     ) -> None:
         nn.Module.__init__(self)  # torchvision's constructor, stage widths scaled, from here on
         stem, *planes = (round(channels * width) for channels in STAGE_PLANES)
         dilate = replace_stride_with_dilation or [False, False, False]
+        if len(dilate) != 3:
+            raise ValueError(f"replace_stride_with_dilation needs one flag per layer2..4, got {dilate}")
         self._norm_layer = norm_layer
         self.inplanes, self.dilation, self.groups, self.base_width = stem, 1, 1, 64
         self.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)

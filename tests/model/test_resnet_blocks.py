@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def test_half_width_halves_every_stage_and_quarters_the_convolutions() -> None:
     assert (bottleneck.layer3[-1].conv3.out_channels, bottleneck.layer4[-1].conv3.out_channels) == (512, 1024)
 
 
-def test_a_half_width_detector_keeps_group_channels_and_round_trips(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_half_width_detector_keeps_group_channels_and_round_trips(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model("sdetr-tiny", backbone_width=0.5, num_classes=5).eval()
     norms = [m for m in model.backbone.modules() if isinstance(m, nn.GroupNorm)]
