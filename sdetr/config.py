@@ -21,6 +21,9 @@ PositionKind = Literal["sine", "learned"]
 BackboneNorm = Literal["frozen_bn", "group_norm"]
 BackboneName = Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"]
 
+#: GroupNorm groups of a ``group_norm`` backbone at ``backbone_width`` 1 (in proportion otherwise).
+GROUP_NORM_GROUPS = 32
+
 #: Output channels of layer3 (C4) and layer4 (C5) for each supported ResNet.
 BACKBONE_CHANNELS: dict[str, dict[str, int]] = {
     "resnet10": {"c4": 256, "c5": 512},
@@ -146,11 +149,11 @@ class ModelConfig:
                     raise ConfigError(f"stage {i}: hidden_dim={self.hidden_dim} is not divisible by heads={heads}")
 
     def _check_backbone_width(self) -> None:
-        groups = 32 * self.backbone_width
+        groups = GROUP_NORM_GROUPS * self.backbone_width
         if not (groups >= 1 and groups == round(groups)):
             raise ConfigError(
-                f"backbone_width={self.backbone_width}; use a positive multiple of 1/32 (e.g. 0.5 or 0.75), "
-                "so that every stage has a whole number of channels and of GroupNorm groups"
+                f"backbone_width={self.backbone_width}; use a positive multiple of 1/{GROUP_NORM_GROUPS} "
+                "(e.g. 0.5 or 0.75), so that every stage has a whole number of channels and of GroupNorm groups"
             )
         if self.backbone_width != 1.0 and self.backbone_weights is not None:
             raise ConfigError(
@@ -163,8 +166,9 @@ class ModelConfig:
         return round(BACKBONE_CHANNELS[self.backbone][level] * self.backbone_width)
 
     def group_norm_groups(self) -> int:
-        """GroupNorm groups of a ``group_norm`` backbone: 32 at width 1, in proportion otherwise."""
-        return round(32 * self.backbone_width)
+        """GroupNorm groups of a ``group_norm`` backbone: :data:`GROUP_NORM_GROUPS` at width 1, in
+        proportion otherwise."""
+        return round(GROUP_NORM_GROUPS * self.backbone_width)
 
     def feature_stride(self, level: FeatureLevel) -> int:
         if level == "c4":

@@ -13,6 +13,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from sdetr import build_model, load_model, save_model
 from sdetr.config import ConfigError, get_config
+from sdetr.model.images import ImageBatch
 from sdetr.model.resnet_blocks import ARCHITECTURES, build_resnet
 
 
@@ -70,7 +71,8 @@ def test_a_half_width_detector_keeps_group_channels_and_round_trips(tmp_path: Pa
     assert min(m.num_channels // m.num_groups for m in norms) == 2  # as ResNet-10's stem at width 1
     assert model.stages[1].input_proj.in_channels == 128  # C4 of the half-width ResNet-10
     images = [torch.rand(3, 96, 128), torch.rand(3, 64, 96)]
-    features = model.backbone(*_padded(images))
+    batch = ImageBatch.from_input(images)
+    features = model.backbone(batch.tensors, batch.mask)
     assert features["c4"][0].shape == (2, 128, 6, 8) and features["c5"][0].shape == (2, 256, 3, 4)
     with torch.no_grad():
         expected = model(images)
@@ -81,13 +83,6 @@ def test_a_half_width_detector_keeps_group_channels_and_round_trips(tmp_path: Pa
         got = loaded(images)
     assert torch.equal(got["pred_boxes"], expected["pred_boxes"])
     assert torch.equal(got["pred_logits"], expected["pred_logits"])
-
-
-def _padded(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    from sdetr.model.images import ImageBatch
-
-    batch = ImageBatch.from_input(images)
-    return batch.tensors, batch.mask
 
 
 @pytest.mark.parametrize(
