@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from sdetr.model.boxes import box_losses, cxcywh_to_xyxy
 from sdetr.model.images import valid_extent
@@ -45,7 +46,7 @@ def global_mean(value: Tensor) -> Tensor:
 
 
 def cell_targets(mask: Tensor, targets: list[Target], num_classes: int) -> tuple[Tensor, Tensor]:
-    """Per-cell targets of one feature grid.
+    """Per-cell targets of one feature grid, for the whole batch at once.
 
     Args:
         mask: ``[B, h, w]`` True on padded cells.
@@ -55,33 +56,43 @@ def cell_targets(mask: Tensor, targets: list[Target], num_classes: int) -> tuple
     Returns:
         ``labels [B, h, w]`` (class, ``num_classes`` for none, ``IGNORE`` on padding) and
         ``boxes [B, h, w, 4]`` (the covering object's box; zeros where there is none).
+
+    The images' objects are padded to the batch's largest count ``N`` (padding covers no cell),
+    so the work is a few operations on ``[B, N, h, w]`` instead of a loop over the images.
     """
     batch, height, width = mask.shape
-    labels = torch.full((batch, height, width), num_classes, dtype=torch.int64, device=mask.device)
-    boxes = torch.zeros(batch, height, width, 4, device=mask.device)
+    device = mask.device
     extent = valid_extent(mask)  # [B, 2] unpadded rows and columns
-    for b, target in enumerate(targets):
-        rows, cols = int(extent[b, 0]), int(extent[b, 1])
-        labels[b, rows:, :] = IGNORE
-        labels[b, :, cols:] = IGNORE
-        gt = target["boxes"].to(mask.device, torch.float32)  # [N, 4]
-        if len(gt) == 0:
-            continue
-        y = (torch.arange(rows, device=mask.device) + 0.5) / rows  # [rows] cell centres
-        x = (torch.arange(cols, device=mask.device) + 0.5) / cols  # [cols]
-        x0, y0, x1, y1 = cxcywh_to_xyxy(gt).unbind(-1)  # each [N]
-        inside_y = (y[None] >= y0[:, None]) & (y[None] <= y1[:, None])  # [N, rows]
-        inside_x = (x[None] >= x0[:, None]) & (x[None] <= x1[:, None])  # [N, cols]
-        covers = inside_y[:, :, None] & inside_x[:, None, :]  # [N, rows, cols]
-        centre_row = (gt[:, 1] * rows).long().clamp(0, rows - 1)  # [N]
-        centre_col = (gt[:, 0] * cols).long().clamp(0, cols - 1)
-        covers[torch.arange(len(gt)), centre_row, centre_col] = True
-        area = (gt[:, 2] * gt[:, 3])[:, None, None].expand_as(covers)  # [N, rows, cols]
-        owner = torch.where(covers, area, torch.inf).argmin(0)  # [rows, cols] smallest covering object
-        covered = covers.any(0)  # [rows, cols]
-        labels[b, :rows, :cols] = torch.where(covered, target["labels"].to(mask.device)[owner], num_classes)
-        boxes[b, :rows, :cols] = torch.where(covered[..., None], gt[owner], 0.0)
-    return labels, boxes
+    rows, cols = extent[:, :1], extent[:, 1:]  # each [B, 1]
+    row_index = torch.arange(height, device=device)  # [h]
+    col_index = torch.arange(width, device=device)  # [w]
+    padded = (row_index[None, :, None] >= rows[..., None]) | (col_index[None, None, :] >= cols[..., None])  # [B, h, w]
+    gt = pad_sequence(
+        [t["boxes"].to(device, torch.float32).reshape(-1, 4) for t in targets], batch_first=True
+    )  # [B, N, 4]
+    if gt.shape[1] == 0:  # no image has objects
+        labels = torch.full((batch, height, width), num_classes, dtype=torch.int64, device=device)
+        return labels.masked_fill_(padded, IGNORE), torch.zeros(batch, height, width, 4, device=device)
+    classes = pad_sequence([t["labels"].to(device, torch.int64) for t in targets], batch_first=True)  # [B, N]
+    counts = torch.tensor([len(t["labels"]) for t in targets], device=device)  # [B]
+    real = torch.arange(gt.shape[1], device=device) < counts[:, None]  # [B, N]: not padding
+    y = (row_index + 0.5) / rows  # [B, h] cell centres in [0, 1] of the unpadded rows
+    x = (col_index + 0.5) / cols  # [B, w]
+    x0, y0, x1, y1 = (c[..., None] for c in cxcywh_to_xyxy(gt).unbind(-1))  # each [B, N, 1]
+    inside_y = (y[:, None] >= y0) & (y[:, None] <= y1)  # [B, N, h]
+    inside_x = (x[:, None] >= x0) & (x[:, None] <= x1)  # [B, N, w]
+    covers = inside_y[..., None] & inside_x[:, :, None, :] & real[..., None, None]  # [B, N, h, w]
+    centre_row = torch.minimum((gt[..., 1] * rows).long(), rows - 1).clamp(min=0)  # [B, N]
+    centre_col = torch.minimum((gt[..., 0] * cols).long(), cols - 1).clamp(min=0)
+    image, obj = real.nonzero(as_tuple=True)  # the real objects, [M] each
+    covers[image, obj, centre_row[image, obj], centre_col[image, obj]] = True
+    area = (gt[..., 2] * gt[..., 3])[..., None, None]  # [B, N, 1, 1]
+    owner = torch.where(covers, area, torch.inf).argmin(1).flatten(1)  # [B, h*w] smallest covering object
+    covered = covers.any(1) & ~padded  # [B, h, w]
+    owned_labels = classes.gather(1, owner).view(batch, height, width)  # [B, h, w]
+    owned_boxes = gt.gather(1, owner[..., None].expand(-1, -1, 4)).view(batch, height, width, 4)
+    labels = torch.where(covered, owned_labels, num_classes).masked_fill_(padded, IGNORE)
+    return labels, torch.where(covered[..., None], owned_boxes, 0.0)
 
 
 def encoder_losses(

@@ -102,3 +102,59 @@ def test_losses_compared_with_a_hand_computation() -> None:
     pred_boxes[0, 0, 1, 2] = 0.3  # one covered cell's width off by 0.2; 4 covered cells
     losses = encoder_losses({"pred_logits": logits, "pred_boxes": pred_boxes, "mask": mask}, target, NONE, weight)
     assert losses["loss_bbox"].item() == pytest.approx(0.2 / 4, abs=1e-6)
+
+
+def _cells_one_image(rows: int, cols: int, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule of :func:`cell_targets` for one unpadded ``rows x cols`` grid, cell by cell in
+    Python: the smallest object covering the cell's centre (the first of equal areas), else the
+    object whose centre the cell holds."""
+    labels = torch.full((rows, cols), NONE, dtype=torch.int64)
+    boxes = torch.zeros(rows, cols, 4)
+    objects = target["boxes"].tolist()
+    for r in range(rows):
+        for c in range(cols):
+            y = torch.tensor(r + 0.5) / rows  # float32, as the batch computes it
+            x = torch.tensor(c + 0.5) / cols
+            best = None
+            for i, (cx, cy, w, h) in enumerate(target["boxes"]):
+                x0, y0, x1, y1 = cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h
+                centre = (min(int(cy * rows), rows - 1), min(int(cx * cols), cols - 1))
+                inside = bool(y0 <= y <= y1 and x0 <= x <= x1) or centre == (r, c)
+                if inside and (best is None or objects[i][2] * objects[i][3] < objects[best][2] * objects[best][3]):
+                    best = i
+            if best is not None:
+                labels[r, c] = int(target["labels"][best])
+                boxes[r, c] = target["boxes"][best]
+    return labels, boxes
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    data=st.data(),
+    batch=st.integers(1, 4),
+    height=st.integers(1, 5),
+    width=st.integers(1, 5),
+)
+def test_the_batch_equals_each_image_computed_alone(data: st.DataObject, batch: int, height: int, width: int) -> None:
+    mask = torch.zeros(batch, height, width, dtype=torch.bool)
+    targets = []
+    for b in range(batch):
+        rows, cols = data.draw(st.integers(1, height)), data.draw(st.integers(1, width))
+        mask[b, rows:] = True
+        mask[b, :, cols:] = True
+        count = data.draw(st.integers(0, 3))
+        unit = st.floats(0.0, 1.0, width=32)
+        cxcywh = [[data.draw(unit) for _ in range(4)] for _ in range(count)]  # w or h 0: only the centre cell
+        classes = [data.draw(st.integers(0, NONE - 1)) for _ in range(count)]
+        targets.append(
+            {"labels": torch.tensor(classes, dtype=torch.int32), "boxes": torch.tensor(cxcywh).reshape(-1, 4)}
+        )
+    labels, boxes = cell_targets(mask, targets, NONE)
+    assert labels.dtype == torch.int64
+    for b, target in enumerate(targets):
+        rows, cols = int((~mask[b]).any(1).sum()), int((~mask[b]).any(0).sum())
+        expected_labels, expected_boxes = _cells_one_image(rows, cols, target)
+        assert torch.equal(labels[b, :rows, :cols], expected_labels)
+        assert torch.equal(boxes[b, :rows, :cols], expected_boxes)
+        assert (labels[b, rows:] == IGNORE).all() and (labels[b, :, cols:] == IGNORE).all()
+        assert not boxes[b, rows:].any() and not boxes[b, :, cols:].any()
