@@ -401,7 +401,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loops
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
-        self.ddp.train()
+        """One pass over the train split (:meth:`train_step` per batch); the mean losses and the rate used last."""
         low_res = self.low_res(epoch)
         loader = self._loader(self.data.train_split(low_res), train=True, epoch=epoch)
         averages = LossAverages()  # of the per-step means over processes
@@ -409,29 +409,7 @@ class Trainer:
         desc = f"epoch {epoch}" + (f" (x{self.config.low_res_factor:g} size)" if low_res else "")
         bar = tqdm(loader, desc=desc, disable=not self.ctx.is_main, leave=False)
         for images, targets in bar:
-            images = [image.to(self.ctx.device) for image in images]
-            targets = _targets_to(targets, self.ctx.device)
-            denoising = self.training_queries(targets)
-            outputs = self._forward(images, train=True, denoising=denoising)
-            self._check_outputs(outputs, f"epoch {epoch}, step {averages.steps}")  # before the matcher sees them
-            losses = self.criterion(outputs, targets, one_to_many=self.one_to_many(epoch), denoising=denoising)
-            logged = distributed.mean_over_processes({k: float(v.detach()) for k, v in losses.items()}, self.ctx)
-            bad = {k: v for k, v in logged.items() if not math.isfinite(v)}
-            if bad:
-                raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch}, step {averages.steps} "
-                    f"(non-finite: {bad}; total {logged['total']}). "
-                    f"Training stopped; {self._last_good()}. Lower --lr or use --clip_max_norm."
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(losses["total"]).backward()
-            if self.config.clip_max_norm > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_max_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.average is not None:
-                self.average.update_parameters(self.model)
+            logged = self.train_step(images, targets, epoch, step=averages.steps)
             used_lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()  # the learning rate of the next step
             averages.add(logged)
@@ -439,6 +417,47 @@ class Trainer:
         means = averages.means()
         means["lr"] = used_lr
         return means
+
+    def train_step(
+        self, images: list[Tensor], targets: list[dict[str, Any]], epoch: int, step: int = 0
+    ) -> dict[str, float]:
+        """One optimiser step on a batch (the learning-rate schedule is the caller's to advance).
+
+        Args:
+            images: ``[3, H_i, W_i]`` normalised images, as the loader gives them.
+            targets: per image, ``labels [N]`` and ``boxes [N, 4]`` (cx, cy, w, h in [0, 1]).
+            epoch: sets the one-to-many matching of the early epochs.
+            step: the step's index in its epoch, for error messages.
+        Returns:
+            The losses as floats, averaged over processes (``total`` included).
+        Raises:
+            NonFiniteLossError: a prediction or loss is NaN or infinite; nothing was updated.
+        """
+        self.ddp.train()
+        images = [image.to(self.ctx.device) for image in images]
+        targets = _targets_to(targets, self.ctx.device)
+        denoising = self.training_queries(targets)
+        outputs = self._forward(images, train=True, denoising=denoising)
+        self._check_outputs(outputs, f"epoch {epoch}, step {step}")  # before the matcher sees them
+        losses = self.criterion(outputs, targets, one_to_many=self.one_to_many(epoch), denoising=denoising)
+        logged = distributed.mean_over_processes({k: float(v.detach()) for k, v in losses.items()}, self.ctx)
+        bad = {k: v for k, v in logged.items() if not math.isfinite(v)}
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch}, step {step} "
+                f"(non-finite: {bad}; total {logged['total']}). "
+                f"Training stopped; {self._last_good()}. Lower --lr or use --clip_max_norm."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["total"]).backward()
+        if self.config.clip_max_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.average is not None:
+            self.average.update_parameters(self.model)
+        return logged
 
     def training_queries(self, targets: list[dict[str, Any]]) -> DenoisingBatch | None:
         """The batch's training-only decoder queries: the extra query groups, then the denoising
