@@ -1,0 +1,125 @@
+"""Training-step time of ``train.py`` variants, interleaved step by step in one process.
+
+Each variant is a string of ``train.py`` flags (the first one is the reference; ``""`` is the
+default quickstart). Every variant gets its own :class:`~sdetr.engine.Trainer`, built as
+``train.py`` builds it (model, data, criterion, optimiser, EMA, denoising queries), from the same
+seed. The batches are the reference's first ``--images`` training images at full size (or the
+small size of progressive resizing with ``--low_res``), loaded once; then every batch is given to
+every variant's :meth:`~sdetr.engine.Trainer.train_step` (forward, criterion, backward, clipping,
+optimiser and EMA updates: the whole step but loading the batch), round after round, each round
+in its own random order (``benchmarks/speed.py``'s ``interleaved``). On this project's noisy
+2-core machine, times of one variant measured minutes apart from another's differ by up to a
+fifth; interleaved, the drift hits all alike. Prints the median milliseconds per step of each
+variant and its ratio to the reference, and writes them as JSON.
+
+Usage::
+
+    python benchmarks/quickstart_step.py "" "--set backbone_width=0.5" \\
+        "--set backbone_width=0.5 --denoising_groups 0" [--images 160] [--rounds 3] [--low_res]
+
+Variants whose models differ in architecture start from different random weights, so their
+losses differ; the steps' cost barely depends on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from sdetr import atomic_path
+from sdetr.data import collate
+from sdetr.engine import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from speed import interleaved  # this folder's script (run as python benchmarks/...)
+
+from train import config_from_args  # the repository's CLI, for its flags
+
+
+def build_trainer(flags: str, images: int, output_dir: Path) -> Trainer:
+    """The trainer ``train.py FLAGS`` would build, on the first ``images`` training images,
+    writing nothing outside ``output_dir``."""
+    config = config_from_args([*shlex.split(flags), "--output_dir", str(output_dir), "--overwrite"])
+    config.max_train_images = images
+    return Trainer.from_config(config)
+
+
+def optimizer_steps(trainer: Trainer) -> int:
+    """How many updates the trainer's optimiser has made (AdamW's per-parameter step count)."""
+    states = list(trainer.optimizer.state.values())
+    return int(states[0]["step"]) if states else 0
+
+
+def measure(variants: list[str], images: int, rounds: int, low_res: bool) -> dict[str, Any]:
+    """Median seconds per training step of each variant over the same batches (see the module doc)."""
+    with tempfile.TemporaryDirectory() as folder:
+        trainers = {flags: build_trainer(flags, images, Path(folder) / str(i)) for i, flags in enumerate(variants)}
+        reference = trainers[variants[0]]
+        epoch = 0 if low_res else reference.config.low_res_epochs  # the first small / full-size epoch
+        split = Subset(reference.data.train_split(low_res), range(images))
+        batches = list(DataLoader(split, batch_size=reference.config.batch_size, collate_fn=collate, drop_last=True))
+        if not batches:
+            raise SystemExit(f"--images {images} is less than one batch of {reference.config.batch_size}")
+
+        def one_pass(trainer: Trainer) -> Callable[[], None]:
+            def run() -> None:
+                for batch_images, targets in batches:
+                    trainer.train_step(batch_images, targets, epoch)
+
+            return run
+
+        per_pass = interleaved({flags: one_pass(trainer) for flags, trainer in trainers.items()}, rounds)
+    steps = len(batches)
+    return {
+        "parameters": {flags: trainer.n_parameters for flags, trainer in trainers.items()},
+        "optimizer_steps": {flags: optimizer_steps(trainer) for flags, trainer in trainers.items()},
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "images": images,
+        "steps_per_pass": steps,
+        "size": "low_res" if low_res else "full",
+        "rounds": rounds,
+        "ms_per_step": {flags: 1000 * seconds / steps for flags, seconds in per_pass.items()},
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    """One line per variant: median ms per step and the ratio to the reference (the first)."""
+    times = result["ms_per_step"]
+    reference = next(iter(times.values()))
+    lines = [f"{result['steps_per_pass']} steps per pass, {result['size']} size, {result['threads']} threads"]
+    lines += [f"{ms:8.1f} ms  {ms / reference:5.3f}x  {flags or '(default)'}" for flags, ms in times.items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="+", help='train.py flags of each variant, quoted ("" = defaults)')
+    parser.add_argument("--images", type=int, default=160, help="training images per pass (default 160)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed passes per variant after a warm-up")
+    parser.add_argument("--low_res", action="store_true", help="the small size of progressive resizing")
+    parser.add_argument("--output", default="outputs/benchmarks/quickstart_step.json")
+    args = parser.parse_args()
+    if len(set(args.variants)) != len(args.variants):
+        parser.error("each variant must differ from the others")
+    result = measure(args.variants, args.images, args.rounds, args.low_res)
+    print(report(result))
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output) as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
