@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from sdetr import load_recording
+from sdetr.data import collate
 from sdetr.data.synthetic import SyntheticSpec, render_scene
 from sdetr.engine import NonFiniteLossError, TrainConfig, Trainer, build_data, build_training_model
 from sdetr.engine.distributed import DistributedContext
@@ -327,6 +329,42 @@ def test_the_trainer_uses_the_parts_it_is_handed(tmp_path: Path) -> None:
     stats = trainer.train_one_epoch(0)
     assert not torch.equal(before, model.class_embed.weight)  # the handed-in model is the one trained
     assert "loss_ce" in stats and not [key for key in stats if "_enc" in key]  # the handed-in criterion's losses
+
+
+def test_train_step_takes_one_step_in_training_mode_and_returns_the_losses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = Trainer.from_config(small_config(tmp_path, epochs=1, ema_decay=0.5))
+    images, targets = next(iter(torch.utils.data.DataLoader(trainer.data.train, batch_size=4, collate_fn=collate)))
+    trainer.model.eval()  # as evaluation leaves it
+    seen: dict[str, Any] = {}
+    original = trainer.criterion.forward
+
+    def watched(outputs, targets, **options):  # type: ignore[no-untyped-def]
+        seen["training"] = trainer.model.training
+        seen["losses"] = losses = original(outputs, targets, **options)
+        return losses
+
+    monkeypatch.setattr(trainer.criterion, "forward", watched)
+    before = trainer.model.class_embed.weight.detach().clone()
+    logged = trainer.train_step(images, targets, epoch=0)
+    assert seen["training"]
+    assert logged == {key: float(value.detach()) for key, value in seen["losses"].items()}  # the criterion's, as floats
+    assert int(next(iter(trainer.optimizer.state.values()))["step"]) == 1
+    assert not torch.equal(before, trainer.model.class_embed.weight)
+    assert trainer.average is not None and int(trainer.average.n_averaged) == 1
+
+    def poisoned(outputs, targets, **options):  # type: ignore[no-untyped-def]
+        losses = original(outputs, targets, **options)
+        losses["total"] = losses["total"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(trainer.criterion, "forward", poisoned)
+    after_one = trainer.model.class_embed.weight.detach().clone()
+    with pytest.raises(NonFiniteLossError, match=r"epoch 0, step 7 "):
+        trainer.train_step(images, targets, epoch=0, step=7)
+    assert torch.equal(after_one, trainer.model.class_embed.weight)  # nothing updated
+    assert int(next(iter(trainer.optimizer.state.values()))["step"]) == 1
 
 
 def test_loss_averages_are_means_over_steps_with_total_named_loss() -> None:
