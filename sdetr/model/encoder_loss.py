@@ -58,9 +58,22 @@ def cell_targets(mask: Tensor, targets: list[Target], num_classes: int) -> tuple
         ``boxes [B, h, w, 4]`` (the covering object's box; zeros where there is none).
 
     The images' objects are padded to the batch's largest count ``N`` (padding covers no cell),
-    so the work is a few operations on ``[B, N, h, w]`` instead of a loop over the images.
+    so the work is a few operations on ``[B, N, h, w]`` instead of a loop over the images (on a
+    CPU the same targets as that loop, tested; on CUDA the loop's division by a Python int could
+    put a cell centre one unit in the last place off, this division is correctly rounded).
+
+    Raises:
+        ValueError: ``targets`` is not one per image, or a target's boxes and labels differ in number.
     """
     batch, height, width = mask.shape
+    if len(targets) != batch:
+        raise ValueError(f"cell_targets: {len(targets)} targets for a mask of {batch} images; give one per image")
+    for index, target in enumerate(targets):
+        if len(target["boxes"]) != len(target["labels"]):
+            raise ValueError(
+                f"cell_targets: target {index} has {len(target['boxes'])} boxes and {len(target['labels'])} labels; "
+                "give one label per box"
+            )
     device = mask.device
     extent = valid_extent(mask)  # [B, 2] unpadded rows and columns
     rows, cols = extent[:, :1], extent[:, 1:]  # each [B, 1]
@@ -72,7 +85,7 @@ def cell_targets(mask: Tensor, targets: list[Target], num_classes: int) -> tuple
     )  # [B, N, 4]
     if gt.shape[1] == 0:  # no image has objects
         labels = torch.full((batch, height, width), num_classes, dtype=torch.int64, device=device)
-        return labels.masked_fill_(padded, IGNORE), torch.zeros(batch, height, width, 4, device=device)
+        return labels.masked_fill_(padded, IGNORE), gt.new_zeros(batch, height, width, 4)
     classes = pad_sequence([t["labels"].to(device, torch.int64) for t in targets], batch_first=True)  # [B, N]
     counts = torch.tensor([len(t["labels"]) for t in targets], device=device)  # [B]
     real = torch.arange(gt.shape[1], device=device) < counts[:, None]  # [B, N]: not padding

@@ -106,21 +106,21 @@ def test_losses_compared_with_a_hand_computation() -> None:
 
 def _cells_one_image(rows: int, cols: int, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The rule of :func:`cell_targets` for one unpadded ``rows x cols`` grid, cell by cell in
-    Python: the smallest object covering the cell's centre (the first of equal areas), else the
-    object whose centre the cell holds."""
+    Python, in float32 as the batch computes it: a cell goes to the smallest object (the first of
+    equal areas) among those covering its centre and the one whose centre it holds."""
     labels = torch.full((rows, cols), NONE, dtype=torch.int64)
     boxes = torch.zeros(rows, cols, 4)
-    objects = target["boxes"].tolist()
+    areas = [float(w * h) for _, _, w, h in target["boxes"]]  # float32 products
     for r in range(rows):
         for c in range(cols):
-            y = torch.tensor(r + 0.5) / rows  # float32, as the batch computes it
+            y = torch.tensor(r + 0.5) / rows  # float32
             x = torch.tensor(c + 0.5) / cols
             best = None
             for i, (cx, cy, w, h) in enumerate(target["boxes"]):
                 x0, y0, x1, y1 = cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h
-                centre = (min(int(cy * rows), rows - 1), min(int(cx * cols), cols - 1))
+                centre = (max(0, min(int(cy * rows), rows - 1)), max(0, min(int(cx * cols), cols - 1)))
                 inside = bool(y0 <= y <= y1 and x0 <= x <= x1) or centre == (r, c)
-                if inside and (best is None or objects[i][2] * objects[i][3] < objects[best][2] * objects[best][3]):
+                if inside and (best is None or areas[i] < areas[best]):
                     best = i
             if best is not None:
                 labels[r, c] = int(target["labels"][best])
@@ -143,8 +143,8 @@ def test_the_batch_equals_each_image_computed_alone(data: st.DataObject, batch: 
         mask[b, rows:] = True
         mask[b, :, cols:] = True
         count = data.draw(st.integers(0, 3))
-        unit = st.floats(0.0, 1.0, width=32)
-        cxcywh = [[data.draw(unit) for _ in range(4)] for _ in range(count)]  # w or h 0: only the centre cell
+        centre, side = st.floats(-0.5, 1.5, width=32), st.floats(0.0, 1.0, width=32)  # centres outside too
+        cxcywh = [[data.draw(centre), data.draw(centre), data.draw(side), data.draw(side)] for _ in range(count)]
         classes = [data.draw(st.integers(0, NONE - 1)) for _ in range(count)]
         targets.append(
             {"labels": torch.tensor(classes, dtype=torch.int32), "boxes": torch.tensor(cxcywh).reshape(-1, 4)}
@@ -158,3 +158,13 @@ def test_the_batch_equals_each_image_computed_alone(data: st.DataObject, batch: 
         assert torch.equal(boxes[b, :rows, :cols], expected_boxes)
         assert (labels[b, rows:] == IGNORE).all() and (labels[b, :, cols:] == IGNORE).all()
         assert not boxes[b, rows:].any() and not boxes[b, :, cols:].any()
+
+
+def test_targets_that_do_not_fit_the_mask_are_refused_with_the_fix() -> None:
+    mask = torch.zeros(2, 2, 2, dtype=torch.bool)
+    one = _target([1], [[0.5, 0.5, 0.2, 0.2]])
+    with pytest.raises(ValueError, match="1 targets for a mask of 2 images; give one per image"):
+        cell_targets(mask, [one], NONE)
+    two_boxes = {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]])}
+    with pytest.raises(ValueError, match="target 1 has 2 boxes and 1 labels; give one label per box"):
+        cell_targets(mask, [one, two_boxes], NONE)
