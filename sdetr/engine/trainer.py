@@ -421,7 +421,9 @@ class Trainer:
     def train_step(
         self, images: list[Tensor], targets: list[dict[str, Any]], epoch: int, step: int = 0
     ) -> dict[str, float]:
-        """One optimiser step on a batch (the learning-rate schedule is the caller's to advance).
+        """One optimiser step on a batch, at the optimiser's current learning rate: the schedule is
+        the caller's to advance (``trainer.scheduler.step()``, as :meth:`train_one_epoch` does after
+        each step; without it every step keeps the first warm-up step's rate).
 
         Args:
             images: ``[3, H_i, W_i]`` normalised images, as the loader gives them.

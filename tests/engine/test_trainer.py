@@ -341,18 +341,26 @@ def test_train_step_takes_one_step_in_training_mode_and_returns_the_losses(
     original = trainer.criterion.forward
 
     def watched(outputs, targets, **options):  # type: ignore[no-untyped-def]
-        seen["training"] = trainer.model.training
         seen["losses"] = losses = original(outputs, targets, **options)
         return losses
 
+    def before_forward(module: torch.nn.Module, args: Any) -> None:
+        seen["training"] = module.training
+
+    hook = trainer.model.register_forward_pre_hook(before_forward)
+
     monkeypatch.setattr(trainer.criterion, "forward", watched)
     before = trainer.model.class_embed.weight.detach().clone()
-    logged = trainer.train_step(images, targets, epoch=0)
+    try:
+        logged = trainer.train_step(images, targets, epoch=0)
+    finally:
+        hook.remove()
     assert seen["training"]
     assert logged == {key: float(value.detach()) for key, value in seen["losses"].items()}  # the criterion's, as floats
     assert int(next(iter(trainer.optimizer.state.values()))["step"]) == 1
     assert not torch.equal(before, trainer.model.class_embed.weight)
     assert trainer.average is not None and int(trainer.average.n_averaged) == 1
+    assert trainer.scheduler.last_epoch == 0  # the schedule is the caller's to advance
 
     def poisoned(outputs, targets, **options):  # type: ignore[no-untyped-def]
         losses = original(outputs, targets, **options)
@@ -365,6 +373,7 @@ def test_train_step_takes_one_step_in_training_mode_and_returns_the_losses(
         trainer.train_step(images, targets, epoch=0, step=7)
     assert torch.equal(after_one, trainer.model.class_embed.weight)  # nothing updated
     assert int(next(iter(trainer.optimizer.state.values()))["step"]) == 1
+    assert int(trainer.average.n_averaged) == 1
 
 
 def test_loss_averages_are_means_over_steps_with_total_named_loss() -> None:
