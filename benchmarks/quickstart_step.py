@@ -12,19 +12,23 @@ in its own random order (``benchmarks/speed.py``'s ``interleaved``). On this pro
 fifth; interleaved, the drift hits all alike. Prints the median milliseconds per step of each
 variant and its ratio to the reference, and writes them as JSON.
 
-Usage::
+Usage (``--`` ends the script's own options: every argument after it is a variant)::
 
-    python benchmarks/quickstart_step.py "" "--set backbone_width=0.5" \\
-        "--set backbone_width=0.5 --denoising_groups 0" [--images 160] [--rounds 3] [--low_res]
+    python benchmarks/quickstart_step.py [--images 160] [--rounds 3] [--low_res] -- \\
+        "--set backbone_width=0.5" "--set backbone_width=0.5 --denoising_groups 0" ""
 
+What a variant's flags change is its trainer: the model, criterion, training aids, optimiser and
+precision. The batches are the reference's for all (its data, batch size, augmentation and
+sizes), and so is the epoch that sets one-to-many matching (the first full-size epoch, or the
+first small one with ``--low_res``), so flags of the data or the schedule have no effect here.
 Variants whose models differ in architecture start from different random weights, so their
-losses differ; the steps' cost barely depends on the weights.
+losses differ; the steps' cost barely depends on the weights. Written for the CPU: on a GPU the
+passes end with ``torch.cuda.synchronize()`` so that the time is the kernels'.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import sys
@@ -36,14 +40,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from sdetr import atomic_path
 from sdetr.data import collate
 from sdetr.engine import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from speed import interleaved  # this folder's script (run as python benchmarks/...)
+from speed import interleaved, write_json  # benchmarks/speed.py (this script's folder is on the path)
 
-from train import config_from_args  # the repository's CLI, for its flags
+from train import config_from_args  # the repository's CLI (importable through the path inserted above)
 
 
 def build_trainer(flags: str, images: int, output_dir: Path) -> Trainer:
@@ -61,20 +64,29 @@ def optimizer_steps(trainer: Trainer) -> int:
 
 
 def measure(variants: list[str], images: int, rounds: int, low_res: bool) -> dict[str, Any]:
-    """Median seconds per training step of each variant over the same batches (see the module doc)."""
+    """Median milliseconds per training step of each variant over the same batches (see the module doc).
+
+    Raises:
+        SystemExit: fewer training images than one batch; ``low_res`` without progressive resizing.
+    """
     with tempfile.TemporaryDirectory() as folder:
         trainers = {flags: build_trainer(flags, images, Path(folder) / str(i)) for i, flags in enumerate(variants)}
         reference = trainers[variants[0]]
+        if low_res and reference.config.low_res_epochs == 0:
+            raise SystemExit("--low_res needs a reference with progressive resizing (low_res_epochs > 0)")
         epoch = 0 if low_res else reference.config.low_res_epochs  # the first small / full-size epoch
-        split = Subset(reference.data.train_split(low_res), range(images))
+        data = reference.data.train_split(low_res)
+        split = Subset(data, range(min(images, len(data))))
         batches = list(DataLoader(split, batch_size=reference.config.batch_size, collate_fn=collate, drop_last=True))
         if not batches:
-            raise SystemExit(f"--images {images} is less than one batch of {reference.config.batch_size}")
+            raise SystemExit(f"{len(split)} training images are less than one batch of {reference.config.batch_size}")
 
         def one_pass(trainer: Trainer) -> Callable[[], None]:
             def run() -> None:
                 for batch_images, targets in batches:
                     trainer.train_step(batch_images, targets, epoch)
+                if trainer.ctx.device.type == "cuda":
+                    torch.cuda.synchronize(trainer.ctx.device)
 
             return run
 
@@ -83,6 +95,7 @@ def measure(variants: list[str], images: int, rounds: int, low_res: bool) -> dic
     return {
         "parameters": {flags: trainer.n_parameters for flags, trainer in trainers.items()},
         "optimizer_steps": {flags: optimizer_steps(trainer) for flags, trainer in trainers.items()},
+        "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "images": images,
@@ -103,7 +116,9 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("variants", nargs="+", help='train.py flags of each variant, quoted ("" = defaults)')
     parser.add_argument("--images", type=int, default=160, help="training images per pass (default 160)")
     parser.add_argument("--rounds", type=int, default=3, help="timed passes per variant after a warm-up")
@@ -114,11 +129,7 @@ def main() -> None:
         parser.error("each variant must differ from the others")
     result = measure(args.variants, args.images, args.rounds, args.low_res)
     print(report(result))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(output) as tmp:
-        tmp.write_text(json.dumps(result, indent=2))
-    print(f"wrote {output}")
+    print(f"wrote {write_json(args.output, result)}")
 
 
 if __name__ == "__main__":

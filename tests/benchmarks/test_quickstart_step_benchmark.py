@@ -41,11 +41,11 @@ def test_the_report_gives_each_variant_its_ratio_to_the_first() -> None:
     ]
 
 
-def test_the_same_variant_twice_is_refused_before_anything_is_built(tmp_path: Path) -> None:
+def test_the_same_variant_twice_is_refused_before_anything_is_built_even_after_a_double_dash(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SDETR_CACHE": str(tmp_path)}
     script = str(ROOT / "benchmarks" / "quickstart_step.py")
     run = subprocess.run(
-        [sys.executable, script, "--epochs 1", "--epochs 1", "--output", str(tmp_path / "out.json")],
+        [sys.executable, script, "--output", str(tmp_path / "out.json"), "--", "--compile", "--compile"],
         capture_output=True, text=True, check=False, cwd=ROOT, env=env, timeout=120,
     )  # fmt: skip
     assert run.returncode == 2, run.stderr
