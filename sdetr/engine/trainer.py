@@ -435,7 +435,8 @@ class Trainer:
         Raises:
             NonFiniteLossError: a prediction or loss is NaN or infinite; nothing was updated.
         """
-        self.ddp.train()
+        if not self.model.training:  # after evaluation; walking every module each step would cost ~0.7 ms
+            self.ddp.train()
         images = [image.to(self.ctx.device) for image in images]
         targets = _targets_to(targets, self.ctx.device)
         denoising = self.training_queries(targets)
