@@ -7,7 +7,7 @@ them to the :class:`~sdetr.engine.Trainer`; built by hand, they can be changed b
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,17 @@ class TrainingData:
     #: them from the config's scale and augmentation: whoever replaces ``train``'s transforms by
     #: hand replaces these too.
     low_res_transforms: Callable[..., tuple[torch.Tensor, dict[str, Any]]] | None = None
+    #: The view :meth:`train_split` gave for ``low_res`` last time and what it was made from (train,
+    #: its ids, the transforms), kept so that its sample cache (if the train split caches samples)
+    #: lasts from one small epoch to the next.
+    _low_res_view: tuple[CocoDetection, list[int], Any, CocoDetection] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def train_split(self, low_res: bool = False) -> CocoDetection:
         """The train split; with ``low_res``, the same images (index and decoded-image cache shared)
-        through :attr:`low_res_transforms`.
+        through :attr:`low_res_transforms`, as one view from call to call while ``train`` and
+        ``low_res_transforms`` stay the same objects.
 
         Raises:
             ValueError: ``low_res`` without :attr:`low_res_transforms`.
@@ -52,7 +59,12 @@ class TrainingData:
                 "low-resolution epochs need TrainingData.low_res_transforms "
                 "(build_data makes them when TrainConfig.low_res_epochs > 0)"
             )
-        return self.train.with_transforms(self.low_res_transforms)
+        made_from = (self.train, self.train.ids, self.low_res_transforms)
+        if self._low_res_view is None or any(
+            now is not then for now, then in zip(made_from, self._low_res_view, strict=False)
+        ):
+            self._low_res_view = (*made_from, self.train.with_transforms(self.low_res_transforms))
+        return self._low_res_view[-1]
 
     @property
     def num_classes(self) -> int:
@@ -78,11 +90,14 @@ def build_data(config: TrainConfig, ctx: DistributedContext) -> TrainingData:
     scale = config.scale_name()
     on_bad: OnBadData = "skip" if config.skip_bad_data else "error"
     cache = config.coco_path is None  # the synthetic set is small: decode each image once, not every epoch
-    train = CocoDetection(CocoPaths(root, "train"), build_transforms(scale, True, config.augments()), on_bad, cache)
-    val = CocoDetection(CocoPaths(root, "val"), build_transforms(scale, False), on_bad, cache)
+    augment = config.augments()
+    train_transforms = build_transforms(scale, True, augment)
+    # without augmentation a sample is the same every epoch: keep it, transformed, in memory too
+    train = CocoDetection(CocoPaths(root, "train"), train_transforms, on_bad, cache, cache and not augment)
+    val = CocoDetection(CocoPaths(root, "val"), build_transforms(scale, False), on_bad, cache, cache)
     low_res = None
     if config.low_res_epochs > 0:
-        low_res = build_transforms(SCALES[scale].scaled(config.low_res_factor), True, config.augments())
+        low_res = build_transforms(SCALES[scale].scaled(config.low_res_factor), True, augment)
     return TrainingData(train, val, root, low_res)
 
 

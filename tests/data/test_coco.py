@@ -94,6 +94,48 @@ def test_with_transforms_shares_the_split_and_its_decoded_images(
     assert small.decoded is full.decoded and small.ids is full.ids and small.targets is full.targets
 
 
+class CountingTransforms:
+    """The validation transforms, counting the samples they make."""
+
+    def __init__(self, scale: Any = "synthetic") -> None:
+        self.inner = build_transforms(scale, train=False)
+        self.calls = 0
+
+    def __call__(self, image: Any, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        self.calls += 1
+        return self.inner(image, target)
+
+
+def test_cached_samples_are_transformed_once_and_equal_fresh_ones(tmp_path: Path) -> None:
+    paths = write_coco(tmp_path, GOOD)
+    plain = CocoDetection(paths, build_transforms("synthetic", train=False))
+    transforms = CountingTransforms()
+    cached = CocoDetection(paths, transforms, cache_decoded=True, cache_samples=True)
+    for _ in range(3):  # three epochs
+        for index in range(len(cached)):
+            image, target = cached[index]
+            expected_image, expected_target = plain[index]
+            assert torch.equal(image, expected_image) and target.keys() == expected_target.keys()
+            assert all(torch.equal(torch.as_tensor(target[k]), torch.as_tensor(expected_target[k])) for k in target)
+    assert transforms.calls == 3  # once per image, not once per epoch
+    image, target = cached[0]
+    target["added downstream"] = 1  # each read gets a dict of its own
+    assert "added downstream" not in cached[0][1]
+
+
+def test_a_view_and_new_transforms_get_a_sample_cache_of_their_own(tmp_path: Path) -> None:
+    paths = write_coco(tmp_path, GOOD)
+    full = CocoDetection(paths, CountingTransforms(), cache_decoded=True, cache_samples=True)
+    full_image = full[1][0]
+    small = full.with_transforms(CountingTransforms(SCALES["synthetic"].scaled(0.5)))
+    assert small.samples == {} and full.samples is not None and list(full.samples) == [2]
+    assert small[1][0].shape == (3, 80, 106) and full[1][0] is full_image  # neither serves the other's size
+    assert list(full.samples) == [2] and small.samples is not None and list(small.samples) == [2]
+    full.transforms = CountingTransforms(SCALES["synthetic"].scaled(0.5))  # replaced by hand: nothing stale
+    assert full.samples == {} and full[1][0].shape == (3, 80, 106)
+    assert CocoDetection(paths, CountingTransforms()).samples is None  # off by default
+
+
 BAD_CASES = [
     ("annotation 9 refers to image_id 42", "annotations of missing images", [ann(9, 42, [1, 1, 5, 5])], None),
     (

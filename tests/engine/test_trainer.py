@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from sdetr import load_recording
-from sdetr.data import collate
+from sdetr.data import SCALES, build_transforms, collate
 from sdetr.data.synthetic import SyntheticSpec, render_scene
 from sdetr.engine import NonFiniteLossError, TrainConfig, Trainer, build_data, build_training_model
 from sdetr.engine.distributed import DistributedContext
@@ -217,6 +217,38 @@ def test_low_res_epochs_need_the_smaller_transforms(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"need TrainingData\.low_res_transforms"):
         data.train_split(low_res=True)
     assert data.train_split() is data.train
+
+
+def test_synthetic_samples_are_cached_without_augmentation_and_the_small_view_lasts(tmp_path: Path) -> None:
+    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    augmented = build_data(small_config(tmp_path, low_res_epochs=1, augment=True), ctx)
+    assert augmented.train.samples is None and augmented.train_split(low_res=True).samples is None
+    assert augmented.val.samples == {}  # validation is deterministic either way
+    data = build_data(small_config(tmp_path, low_res_epochs=1, augment=False), ctx)
+    small = data.train_split(low_res=True)
+    assert data.train.samples == {} and small.samples == {} and small is not data.train
+    small[0]
+    assert data.train_split(low_res=True) is small and small.samples is not None and len(small.samples) == 1
+    data.train.drop_images([data.train.ids[-1]])  # the split changed: a new view, not a stale one
+    assert data.train_split(low_res=True) is not small
+    again = data.train_split(low_res=True)
+    data.low_res_transforms = build_transforms(SCALES["synthetic"].scaled(0.5), train=True, augment=False)
+    assert data.train_split(low_res=True) is not again
+
+
+def test_a_training_step_leaves_the_cached_samples_as_they_were(tmp_path: Path) -> None:
+    trainer = Trainer.from_config(small_config(tmp_path, augment=False, denoising_groups=2))
+    split = trainer.data.train_split()
+    batch = collate([split[i] for i in range(4)])
+    assert split.samples is not None and len(split.samples) == 4
+    kept = {
+        i: (image.clone(), {k: v.clone() for k, v in t.items() if isinstance(v, torch.Tensor)})
+        for i, (image, t) in split.samples.items()
+    }
+    trainer.train_step(*batch, epoch=0)
+    for i, (image, target) in split.samples.items():
+        assert torch.equal(image, kept[i][0])
+        assert all(torch.equal(target[k], v) for k, v in kept[i][1].items())
 
 
 def _two_object_coco(root: Path, count: int = 4) -> None:
