@@ -119,7 +119,7 @@ def infer_config(state: Mapping[str, Tensor], args: Any = None, base: ModelConfi
     """Rebuild a :class:`ModelConfig` from an (sdetr-named) state dict and original ``args``.
 
     Shapes give layer counts, sizes, queries, classes, levels and the backbone (its width from the
-    stem's channels). Heads and
+    stem's channels, its stem from the first convolution's kernel). Heads and
     dilation are invisible in shapes: they come from ``args`` (``nheads``, ``dilation``) or
     ``base``, else from the matching preset (``sdetr``: 8 heads, 1 in the stage-2 encoder;
     ``detr``: 8 everywhere).
@@ -134,9 +134,10 @@ def infer_config(state: Mapping[str, Tensor], args: Any = None, base: ModelConfi
     base = base or get_config("sdetr" if len(stage_ids) >= 2 else "detr")
     nheads = getattr(args, "nheads", None)
     backbone = _infer_backbone(keys)
-    stem = state.get("backbone.body.conv1.weight")  # [64 * width, 3, 7, 7]
+    stem = state.get("backbone.body.conv1.weight")  # [64 * width, 3, 7, 7]; [.., 4, 4]: a patchify stem
     width = stem.shape[0] / STAGE_PLANES[0] if stem is not None else base.backbone_width
-    shaped = base.replace(backbone=backbone, backbone_width=width, backbone_weights=None)
+    stem_kind = base.backbone_stem if stem is None else "patchify" if stem.shape[-1] == 4 else "resnet"
+    shaped = base.replace(backbone=backbone, backbone_width=width, backbone_stem=stem_kind, backbone_weights=None)
     channel_to_level = {shaped.feature_channels(level): level for level in BACKBONE_CHANNELS[backbone]}  # type: ignore[arg-type]
     stages = []
     for index in stage_ids:

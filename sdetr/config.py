@@ -19,6 +19,7 @@ from sdetr.typed_fields import ConfigError, check_fields, check_names, coerce, f
 FeatureLevel = Literal["c4", "c5"]
 PositionKind = Literal["sine", "learned"]
 BackboneNorm = Literal["frozen_bn", "group_norm"]
+BackboneStem = Literal["resnet", "patchify"]
 BackboneName = Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"]
 
 #: GroupNorm groups of a ``group_norm`` backbone at ``backbone_width`` 1 (in proportion otherwise).
@@ -106,6 +107,10 @@ class ModelConfig:
             backbones only (ImageNet weights exist at width 1); ``32 * backbone_width`` must be
             a whole number, and GroupNorm then uses ``32 * backbone_width`` groups, so each group
             holds as many channels as at width 1.
+        backbone_stem: ``"resnet"`` (the published stem: a 7x7 stride-2 convolution, norm, ReLU and
+            a 3x3 stride-2 max pool) or ``"patchify"`` (ConvNeXt's: one 4x4 stride-4 convolution,
+            then norm and ReLU, no pool; same stride 4 into layer1, for from-scratch backbones
+            only: ImageNet weights have the 7x7 stem).
         freeze_stem: keep conv1, bn1 and layer1 frozen (the original, with pretrained weights).
         hidden_dim / ffn_dim / dropout: transformer sizes.
         position: ``"sine"`` (fixed) or ``"learned"`` position embeddings.
@@ -121,6 +126,7 @@ class ModelConfig:
     backbone_weights: str | None = None
     backbone_norm: BackboneNorm = "frozen_bn"
     backbone_width: float = 1.0
+    backbone_stem: BackboneStem = "resnet"
     freeze_stem: bool = True
     hidden_dim: int = 256
     ffn_dim: int = 2048
@@ -154,6 +160,11 @@ class ModelConfig:
             raise ConfigError(
                 f"backbone_width={self.backbone_width}; use a positive multiple of 1/{GROUP_NORM_GROUPS} "
                 "(e.g. 0.5 or 0.75), so that every stage has a whole number of channels and of GroupNorm groups"
+            )
+        if self.backbone_stem != "resnet" and self.backbone_weights is not None:
+            raise ConfigError(
+                f"backbone_stem={self.backbone_stem!r} with backbone_weights={self.backbone_weights!r}: "
+                "ImageNet weights have the ResNet's 7x7 stem; set backbone_stem=resnet or leave the weights out"
             )
         if self.backbone_width != 1.0 and self.backbone_weights is not None:
             raise ConfigError(

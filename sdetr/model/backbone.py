@@ -144,7 +144,7 @@ class Backbone(nn.Module):
             kwargs["replace_stride_with_dilation"] = replace_stride
         elif config.dilation:
             raise ValueError(f"dilation is only supported for resnet50/101, not {config.backbone}")
-        body = build_resnet(config.backbone, config.backbone_width, **kwargs)
+        body = build_resnet(config.backbone, config.backbone_width, stem_kind=config.backbone_stem, **kwargs)
         del body.fc, body.avgpool  # classification head: unused, no parameters kept
         self.body = body
         self.backbone_name = config.backbone  # e.g. "resnet50", for error messages
@@ -256,9 +256,10 @@ class Backbone(nn.Module):
         else:
             x = images
         in_place = speed.in_place_inference and runs_in_place((body.conv1, body.bn1))
-        x = conv_norm(body.conv1, body.bn1, x, fold, in_place).relu_()  # [B, C0, H/2, W/2]; in place, as torchvision
+        x = conv_norm(body.conv1, body.bn1, x, fold, in_place).relu_()  # [B, C0, H/2, W/2] (H/4, W/4: patchify)
         fast_pool = speed.fast_max_pool and not blocked  # oneDNN's own pool is fast
-        x = stem_max_pool(body.maxpool, x) if fast_pool else body.maxpool(x)  # [B, C0, H/4, W/4]
+        if isinstance(body.maxpool, nn.MaxPool2d):  # a patchify stem has no pool (already at H/4, W/4)
+            x = stem_max_pool(body.maxpool, x) if fast_pool else body.maxpool(x)  # [B, C0, H/4, W/4]
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for level_name, layer_name in (("c2", "layer1"), ("c3", "layer2"), *LEVEL_LAYERS.items()):
             x = getattr(body, layer_name)(x)  # [B, C, H/stride, W/stride]

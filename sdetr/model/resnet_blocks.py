@@ -221,6 +221,7 @@ class ScaledResNet(ResNet):
         replace_stride_with_dilation: list[bool] | None = None,
         norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
         num_classes: int = 1000,
+        stem_kind: str = "resnet",
     ) -> None:
         nn.Module.__init__(self)  # torchvision's constructor, stage widths scaled, from here on
         stem, *planes = (round(channels * width) for channels in STAGE_PLANES)
@@ -229,10 +230,16 @@ class ScaledResNet(ResNet):
             raise ValueError(f"replace_stride_with_dilation needs one flag per layer2..4, got {dilate}")
         self._norm_layer = norm_layer
         self.inplanes, self.dilation, self.groups, self.base_width = stem, 1, 1, 64
-        self.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+        self.maxpool: nn.Module
+        if stem_kind == "resnet":
+            self.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+        elif stem_kind == "patchify":  # ConvNeXt's: non-overlapping 4x4 patches, stride 4, no pool
+            self.conv1 = nn.Conv2d(3, stem, kernel_size=4, stride=4, bias=False)
+        else:
+            raise ValueError(f"stem_kind={stem_kind!r}; use 'resnet' or 'patchify'")
         self.bn1 = norm_layer(stem)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem_kind == "resnet" else nn.Identity()
         self.layer1 = self._make_layer(block, planes[0], layers[0])
         self.layer2 = self._make_layer(block, planes[1], layers[1], stride=2, dilate=dilate[0])
         self.layer3 = self._make_layer(block, planes[2], layers[2], stride=2, dilate=dilate[1])

@@ -85,6 +85,35 @@ def test_a_half_width_detector_keeps_group_channels_and_round_trips(tmp_path: Pa
     assert torch.equal(got["pred_logits"], expected["pred_logits"])
 
 
+def test_a_patchify_stem_sees_each_4x4_patch_once_and_keeps_the_strides(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("sdetr-tiny", backbone_width=0.5, backbone_stem="patchify", num_classes=5).eval()
+    body = model.backbone.body
+    assert (body.conv1.kernel_size, body.conv1.stride, body.conv1.padding) == ((4, 4), (4, 4), (0, 0))
+    assert isinstance(body.maxpool, nn.Identity)
+    images = torch.rand(2, 3, 96, 128)
+    with torch.no_grad():
+        stem = body.relu(body.bn1(body.conv1(images)))  # [2, 32, 24, 32]
+        # one output cell is the norm of one patch's dot products: recompute cell (5, 7) by hand
+        patch = images[:, :, 20:24, 28:32]  # [2, 3, 4, 4]
+        by_hand = torch.einsum("bchw,ochw->bo", patch, body.conv1.weight)  # [2, 32]
+        conv = body.conv1(images)
+        torch.testing.assert_close(conv[:, :, 5, 7], by_hand, rtol=1e-5, atol=1e-5)
+        features = model.backbone(images, torch.zeros(2, 96, 128, dtype=torch.bool))
+    assert stem.shape == (2, 32, 24, 32)  # stride 4, as the 7x7 convolution and the pool give
+    assert features["c4"][0].shape == (2, 128, 6, 8) and features["c5"][0].shape == (2, 256, 3, 4)
+    with torch.no_grad():
+        expected = model([images[0]])
+    loaded = load_model(save_model(model, tmp_path / "patchify.pth"))
+    bare = load_model(dict(model.state_dict()), preset="sdetr-tiny")  # no stored config: read from conv1
+    assert loaded.config.backbone_stem == bare.config.backbone_stem == "patchify"
+    with torch.no_grad():
+        for other in (loaded, bare):
+            assert torch.equal(other([images[0]])["pred_logits"], expected["pred_logits"])
+    resnet_stem = load_model(dict(build_model("sdetr-tiny", num_classes=5).state_dict()), preset="sdetr-tiny")
+    assert resnet_stem.config.backbone_stem == "resnet"
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -95,8 +124,13 @@ def test_a_half_width_detector_keeps_group_channels_and_round_trips(tmp_path: Pa
             {"backbone_width": 0.5, "backbone_weights": "resnet10.pth"},
             r"ImageNet weights fit the ResNet at width 1 only; set backbone_width=1",
         ),
+        (
+            {"backbone_stem": "patchify", "backbone_weights": "resnet10.pth"},
+            r"ImageNet weights have the ResNet's 7x7 stem; set backbone_stem=resnet",
+        ),
+        ({"backbone_stem": "convnext"}, r"backbone_stem"),
     ],
 )
-def test_bad_widths_are_refused_with_the_fix(changes: dict, message: str) -> None:
+def test_bad_widths_and_stems_are_refused_with_the_fix(changes: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         get_config("sdetr-tiny", **changes)
