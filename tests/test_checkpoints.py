@@ -238,6 +238,13 @@ def test_imagenet_weights_of_another_depth_are_refused_naming_the_backbone(tmp_p
     path = tmp_path / "resnet18-imagenet.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
     with pytest.raises(ValueError, match=r"not a torchvision resnet10 ImageNet state dict \(torchvision has no"):
-        build_model("sdetr-tiny", backbone_weights=str(path))
-    same_depth = build_model("sdetr-tiny", backbone="resnet18", backbone_norm="frozen_bn", backbone_weights=str(path))
+        build_model("sdetr-tiny", backbone_width=1.0, backbone_stem="resnet", backbone_weights=str(path))
+    same_depth = build_model(
+        "sdetr-tiny",
+        backbone="resnet18",
+        backbone_norm="frozen_bn",
+        backbone_width=1.0,
+        backbone_stem="resnet",
+        backbone_weights=str(path),
+    )
     assert same_depth.config.backbone == "resnet18"  # the file itself is fine

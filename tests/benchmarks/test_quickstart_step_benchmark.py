@@ -15,7 +15,7 @@ import pytest
 from tests.benchmarks import ROOT, load_benchmark
 
 TINY = "--synthetic_train 8 --synthetic_val 2 --batch_size 4 --denoising_groups 2"
-HALF = TINY + " --set backbone_width=0.5"
+NARROW = TINY + " --set backbone_width=0.25"
 
 
 def test_each_variant_is_built_from_its_flags_and_takes_every_step(
@@ -23,11 +23,11 @@ def test_each_variant_is_built_from_its_flags_and_takes_every_step(
 ) -> None:
     monkeypatch.setenv("SDETR_CACHE", str(tmp_path / "cache"))
     benchmark = load_benchmark("quickstart_step")
-    result = benchmark.measure([TINY, HALF], images=8, rounds=2, low_res=False)
+    result = benchmark.measure([TINY, NARROW], images=8, rounds=2, low_res=False)
     assert result["steps_per_pass"] == 2  # 8 images, batch 4
     # a warm-up pass and two timed passes of two steps each, for both variants
-    assert result["optimizer_steps"] == {TINY: 6, HALF: 6}
-    assert result["parameters"][HALF] < result["parameters"][TINY]  # the half-width backbone
+    assert result["optimizer_steps"] == {TINY: 6, NARROW: 6}
+    assert result["parameters"][NARROW] < result["parameters"][TINY]  # the narrower backbone
     assert all(math.isfinite(ms) and ms > 0 for ms in result["ms_per_step"].values())
 
 

@@ -34,18 +34,23 @@ def test_original_parameter_counts() -> None:
     assert count_parameters(build_model("detr")) == 41_302_368
 
 
-def test_tiny_backbone_is_resnet18_at_half_depth() -> None:
+def test_tiny_backbone_is_resnet18_at_half_depth_and_half_width() -> None:
     """ResNet-10: one basic block per stage, so each stage holds what ResNet-18's first block of it
-    holds, and the stem (conv1 + GroupNorm) is shared: ResNet-18's count minus its second blocks."""
+    holds, and the stem (conv1 + GroupNorm) is shared: ResNet-18's count minus its second blocks,
+    at half width (32..256 channels). The previous default, full width with the 7x7 stem, keeps
+    its count."""
     tiny, r18 = build_model("sdetr-tiny"), build_model("sdetr-tiny", backbone="resnet18")
     second_blocks = sum(
         p.numel()
         for name, p in r18.backbone.body.named_parameters()
         if name.split(".")[0].startswith("layer") and name.split(".")[1] == "1"
     )
-    by_hand = sum(9 * c * c + 9 * c * c + 4 * c for c in (64, 128, 256, 512))  # two 3x3 convs and two GroupNorms
+    by_hand = sum(9 * c * c + 9 * c * c + 4 * c for c in (32, 64, 128, 256))  # two 3x3 convs and two GroupNorms
     assert second_blocks == by_hand
-    assert count_parameters(tiny) == count_parameters(r18) - by_hand == 5_307_296
+    assert count_parameters(tiny) == count_parameters(r18) - by_hand == 1_604_000
+    assert tiny.backbone.body.conv1.weight.shape == (32, 3, 4, 4)  # the patchify stem: 1536 weights, not 9408
+    previous = build_model("sdetr-tiny", backbone_width=1.0, backbone_stem="resnet")
+    assert count_parameters(previous) == 5_307_296
 
 
 def test_stage2_encoder_is_single_head_and_decoder_starts_from_stage1() -> None:
@@ -91,12 +96,13 @@ def test_stage_ignores_features_under_the_mask() -> None:
     """Padded cells never change a stage's output: they are masked as attention keys."""
     model = build_model("sdetr-tiny").eval()
     stage: Stage = model.stage1
-    features = torch.randn(1, 512, 4, 6)
+    channels = stage.input_proj.in_channels  # C5's
+    features = torch.randn(1, channels, 4, 6)
     mask = torch.zeros(1, 4, 6, dtype=torch.bool)
     mask[:, :, 4:] = True
     mask[:, 3:, :] = True
     changed = features.clone()
-    changed[..., 4:] = torch.randn(1, 512, 4, 2) * 100
+    changed[..., 4:] = torch.randn(1, channels, 4, 2) * 100
     changed[..., 3:, :] = -50
     with torch.no_grad():
         torch.testing.assert_close(stage(features, mask, None)[0], stage(changed, mask, None)[0], atol=1e-5, rtol=0)

@@ -101,7 +101,7 @@ def test_group_norm_training_step_gradients_equal_torchvisions_pool(padded_batch
     """The quickstart's backbone (GroupNorm, stem trained) with and without the fast pool."""
     images, mask = padded_batch
     torch.manual_seed(0)
-    model = build_model("sdetr-tiny", dropout=0.0).train()
+    model = build_model("sdetr-tiny", dropout=0.0, backbone_stem="resnet").train()  # a patchify stem has no pool
     grads = []
     for fast in (False, True):
         model.set_speed(dataclasses.replace(BACKBONE_SPEEDS["default"], fast_max_pool=fast))
@@ -124,7 +124,7 @@ def _ops(run: Callable[[], object]) -> dict[str, int]:
 def test_each_speed_takes_its_pool_path(padded_batch) -> None:  # type: ignore[no-untyped-def]
     """The fast paths really run (the value tests alone would pass on a fallback)."""
     images, mask = padded_batch
-    model = build_model("sdetr-tiny", dropout=0.0)
+    model = build_model("sdetr-tiny", dropout=0.0, backbone_stem="resnet")  # the stem with the max pool
     with torch.no_grad():
         model.set_speed("exact")
         exact = _ops(lambda: model.backbone(images, mask))

@@ -110,7 +110,8 @@ def test_a_patchify_stem_sees_each_4x4_patch_once_and_keeps_the_strides(tmp_path
     with torch.no_grad():
         for other in (loaded, bare):
             assert torch.equal(other([images[0]])["pred_logits"], expected["pred_logits"])
-    resnet_stem = load_model(dict(build_model("sdetr-tiny", num_classes=5).state_dict()), preset="sdetr-tiny")
+    usual = build_model("sdetr-tiny", backbone_stem="resnet", num_classes=5)
+    resnet_stem = load_model(dict(usual.state_dict()), preset="sdetr-tiny")
     assert resnet_stem.config.backbone_stem == "resnet"
 
 
@@ -121,12 +122,17 @@ def test_a_patchify_stem_sees_each_4x4_patch_once_and_keeps_the_strides(tmp_path
         ({"backbone_width": 0.0}, r"backbone_width=0.0; use a positive multiple of 1/32"),
         ({"backbone_width": -0.5}, r"backbone_width=-0.5"),
         (
-            {"backbone_width": 0.5, "backbone_weights": "resnet10.pth"},
-            r"ImageNet weights fit the ResNet at width 1 only; set backbone_width=1",
+            {"backbone_width": 0.5, "backbone_stem": "resnet", "backbone_weights": "resnet10.pth"},
+            r"backbone_width=0.5: ImageNet weights fit the ResNet at width 1 only; set backbone_width=1 \(or",
         ),
         (
-            {"backbone_stem": "patchify", "backbone_weights": "resnet10.pth"},
-            r"ImageNet weights have the ResNet's 7x7 stem; set backbone_stem=resnet",
+            {"backbone_width": 1.0, "backbone_weights": "resnet10.pth"},  # sdetr-tiny's patchify stem
+            r"backbone_weights='resnet10.pth' with backbone_stem='patchify': ImageNet weights have the ResNet's "
+            r"7x7 stem; set backbone_stem=resnet \(or leave the weights out\)",
+        ),
+        (
+            {"backbone_width": 0.5, "backbone_weights": "resnet10.pth"},  # both wrong: both named
+            r"backbone_width=0.5: .* set backbone_width=1; and backbone_stem='patchify': .* set backbone_stem=resnet",
         ),
         ({"backbone_stem": "convnext"}, r"backbone_stem"),
     ],
