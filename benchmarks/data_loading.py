@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from sdetr.engine import build_data
 from sdetr.engine.distributed import DistributedContext
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from speed import interleaved, write_json  # benchmarks/speed.py (this script's folder is on the path)
+from speed import interleaved, machine_info, write_json  # benchmarks/speed.py (this script's folder is on the path)
 
 from train import config_from_args  # the repository's CLI (importable through the path inserted above)
 
@@ -64,9 +63,7 @@ def measure(flags: list[str], images: int, rounds: int, low_res: bool) -> dict[s
     per_pass = interleaved({"transformed": one_pass(transformed), "cached": one_pass(cached)}, rounds)
     batches = count // config.batch_size + (count % config.batch_size > 0)
     return {
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
+        **machine_info(),
         "images": count,
         "batch_size": config.batch_size,
         "batches_per_pass": batches,

@@ -29,7 +29,6 @@ passes end with ``torch.cuda.synchronize()`` so that the time is the kernels'.
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from sdetr.data import collate
 from sdetr.engine import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from speed import interleaved, write_json  # benchmarks/speed.py (this script's folder is on the path)
+from speed import interleaved, machine_info, write_json  # benchmarks/speed.py (this script's folder is on the path)
 
 from train import config_from_args  # the repository's CLI (importable through the path inserted above)
 
@@ -95,9 +94,7 @@ def measure(variants: list[str], images: int, rounds: int, low_res: bool) -> dic
     return {
         "parameters": {flags: trainer.n_parameters for flags, trainer in trainers.items()},
         "optimizer_steps": {flags: optimizer_steps(trainer) for flags, trainer in trainers.items()},
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
+        **machine_info(),
         "images": images,
         "steps_per_pass": steps,
         "size": "low_res" if low_res else "full",

@@ -116,6 +116,15 @@ def float_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def machine_info() -> dict[str, Any]:
+    """torch's version, the processor and torch's thread count, for a benchmark's JSON."""
+    return {
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write a benchmark's results to ``path`` atomically (a crash leaves the previous file)."""
     with atomic_path(path) as tmp:
