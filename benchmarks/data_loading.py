@@ -34,25 +34,39 @@ from speed import interleaved, machine_info, write_json  # benchmarks/speed.py (
 from train import config_from_args  # the repository's CLI (importable through the path inserted above)
 
 
+def ways_of_loading(flags: list[str], low_res: bool) -> dict[str, CocoDetection]:
+    """The run's train split (its small view with ``low_res``) read two ways: ``"transformed"``
+    (images decoded once, samples transformed at every read) and ``"cached"`` (the run's own,
+    samples cached).
+
+    Raises:
+        SystemExit: the run caches no samples (it augments, reads COCO or loads in workers).
+    """
+    config = config_from_args([*flags, "--output_dir", "outputs/benchmarks/data_loading"])
+    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cached = build_data(config, ctx).train_split(low_res)
+    if cached.samples is None:
+        raise SystemExit(
+            "this run caches no samples: it augments its training images, reads COCO or loads in worker processes"
+        )
+    transformed = CocoDetection(cached.paths, cached.transforms, cached.on_bad_data, cache_decoded=True)
+    return {"transformed": transformed, "cached": cached}
+
+
 def measure(flags: list[str], images: int, rounds: int, low_res: bool) -> dict[str, Any]:
     """Median milliseconds per batch, transformed every time against cached (see the module doc).
 
     Raises:
-        SystemExit: a run that augments (nothing to cache), or fewer images than one batch.
+        SystemExit: a run that caches no samples, or fewer images than one batch.
     """
-    config = config_from_args([*flags, "--output_dir", "outputs/benchmarks/data_loading"])
-    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    data = build_data(config, ctx)
-    cached = data.train_split(low_res)
-    if cached.samples is None:
-        raise SystemExit("this run augments its training images: no sample is the same twice, nothing is cached")
-    transformed = CocoDetection(cached.paths, cached.transforms, cached.on_bad_data, cache_decoded=True)
-    count = min(images, len(cached))
-    if count < config.batch_size:
-        raise SystemExit(f"{count} training images are less than one batch of {config.batch_size}")
+    ways = ways_of_loading(flags, low_res)
+    batch_size = config_from_args(flags).batch_size
+    count = min(images, len(ways["cached"]))
+    if count < batch_size:
+        raise SystemExit(f"{count} training images are less than one batch of {batch_size}")
 
     def one_pass(dataset: CocoDetection) -> Any:
-        loader = DataLoader(Subset(dataset, range(count)), batch_size=config.batch_size, collate_fn=collate)
+        loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, collate_fn=collate)
 
         def run() -> None:
             for _ in loader:
@@ -60,12 +74,12 @@ def measure(flags: list[str], images: int, rounds: int, low_res: bool) -> dict[s
 
         return run
 
-    per_pass = interleaved({"transformed": one_pass(transformed), "cached": one_pass(cached)}, rounds)
-    batches = count // config.batch_size + (count % config.batch_size > 0)
+    per_pass = interleaved({name: one_pass(dataset) for name, dataset in ways.items()}, rounds)
+    batches = count // batch_size + (count % batch_size > 0)
     return {
         **machine_info(),
         "images": count,
-        "batch_size": config.batch_size,
+        "batch_size": batch_size,
         "batches_per_pass": batches,
         "size": "low_res" if low_res else "full",
         "rounds": rounds,

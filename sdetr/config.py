@@ -110,7 +110,8 @@ class ModelConfig:
         backbone_stem: ``"resnet"`` (the published stem: a 7x7 stride-2 convolution, norm, ReLU and
             a 3x3 stride-2 max pool) or ``"patchify"`` (ConvNeXt's: one 4x4 stride-4 convolution,
             then norm and ReLU, no pool; same stride 4 into layer1, for from-scratch backbones
-            only: ImageNet weights have the 7x7 stem).
+            only: ImageNet weights have the 7x7 stem). It sees whole 4x4 patches only: the last
+            ``H mod 4`` rows and ``W mod 4`` columns of a (padded) batch do not reach layer1.
         freeze_stem: keep conv1, bn1 and layer1 frozen (the original, with pretrained weights).
         hidden_dim / ffn_dim / dropout: transformer sizes.
         position: ``"sine"`` (fixed) or ``"learned"`` position embeddings.

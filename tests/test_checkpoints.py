@@ -112,14 +112,16 @@ def test_basic_block_backbones_are_told_apart_by_their_blocks(backbone: str, blo
     assert load_model(dict(model.state_dict()), preset="sdetr-tiny").config.backbone == backbone
 
 
+@pytest.mark.parametrize("stem", ["resnet", "patchify"])
 @pytest.mark.parametrize("width", [0.5, 0.75, 1.5])
-def test_a_bare_state_dict_gives_its_backbone_width_by_the_stems_channels(width: float) -> None:
+def test_a_bare_state_dict_gives_its_backbone_width_by_the_stems_channels(width: float, stem: str) -> None:
     """Without a stored config the width comes from conv1 (``64 * width`` filters), so the
-    stages' input channels are read as the right levels."""
+    stages' input channels are read as the right levels, whichever the stem (the preset's is
+    patchify, at width 0.5)."""
     torch.manual_seed(0)
-    model = build_model("sdetr-tiny", num_classes=5, backbone_width=width).eval()
+    model = build_model("sdetr-tiny", num_classes=5, backbone_width=width, backbone_stem=stem).eval()
     loaded = load_model(dict(model.state_dict()), preset="sdetr-tiny")
-    assert loaded.config.backbone_width == width
+    assert loaded.config.backbone_width == width and loaded.config.backbone_stem == stem
     assert [stage.feature for stage in loaded.config.stages] == ["c5", "c4"]
     images = torch.rand(1, 3, 64, 96)
     with torch.no_grad():

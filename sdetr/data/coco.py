@@ -107,9 +107,11 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
         #: transforms that give the same sample every time (no augmentation) and small sets (the
         #: synthetic set at short side 160: 1200 x 3x160x213 float32, 491 MB). The first epoch
         #: fills it; later epochs skip the transforms' resize and normalisation (about 30 ms per
-        #: batch of 16 on a 2-core CPU). Each view of :meth:`with_transforms` keeps its own.
+        #: batch of 16 on a 2-core CPU). Each view of :meth:`with_transforms` keeps its own, and
+        #: so does each data-loading worker process (lost when the workers end with the epoch).
+        #: Reads return the cache's tensors (a new target dict): write into copies only.
+        self.transforms = transforms  # (the setter leaves the cache off: turned on next)
         self.samples: dict[int, tuple[Tensor, dict[str, Any]]] | None = {} if cache_samples else None
-        self.transforms = transforms
         self.coco, self.skipped = read_coco(paths.annotations, on_bad_data)
         if not paths.images.is_dir():
             raise FileNotFoundError(
@@ -122,13 +124,22 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
             details = ", ".join(f"{count} {kind}" for kind, count in sorted(self.skipped.items()))
             warnings.warn(f"{paths.annotations}: skipped {details}", stacklevel=2)
 
-    def with_transforms(self, transforms: Callable[..., tuple[Tensor, dict[str, Any]]]) -> CocoDetection:
+    def with_transforms(
+        self, transforms: Callable[..., tuple[Tensor, dict[str, Any]]], cache_samples: bool | None = None
+    ) -> CocoDetection:
         """The same split through other ``transforms``: a shallow copy that shares the index, the
-        targets and the decoded-image cache (progressive resizing's smaller epochs read it), with a
-        sample cache of its own if this split caches samples (they depend on the transforms). A
-        view to read from: drop or verify images on the split it came from, then take a new view."""
+        targets and the decoded-image cache (progressive resizing's smaller epochs read it). A
+        view to read from: drop or verify images on the split it came from, then take a new view.
+
+        Args:
+            cache_samples: give the view a sample cache of its own (samples depend on the
+                transforms); None: if this split caches samples. Only for transforms that give the
+                same sample every time.
+        """
+        caching = self.samples is not None if cache_samples is None else cache_samples
         other = copy.copy(self)
-        other.transforms = transforms  # a new sample cache (the setter's)
+        other.transforms = transforms  # turns the copy's cache off (the setter) ...
+        other.samples = {} if caching else None  # ... and this gives it a new one
         return other
 
     @property
@@ -138,9 +149,10 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
 
     @transforms.setter
     def transforms(self, transforms: Callable[..., tuple[Tensor, dict[str, Any]]] | None) -> None:
+        """New transforms turn the sample cache off: whether they give the same sample every time
+        is not known here (:meth:`with_transforms` can keep it on)."""
         self._transforms = transforms
-        if self.samples is not None:
-            self.samples = {}  # a new dict: a view made by copy.copy leaves its origin's cache as it was
+        self.samples = None
 
     def _bad(self, kind: str, message: str) -> None:
         if self.on_bad_data == "error":
@@ -252,9 +264,13 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
             return self._transformed(image_id)
         cached = self.samples.get(image_id)
         if cached is None:
-            cached = self.samples[image_id] = self._transformed(image_id)
+            # torchvision's deterministic resize still draws from torch's global generator (its
+            # one-size choice): drawn in a fork, so that filling the cache, which a resumed run
+            # does at other epochs than the run it continues, leaves training's random stream alone
+            with torch.random.fork_rng(devices=[]):
+                cached = self.samples[image_id] = self._transformed(image_id)
         image, target = cached
-        return image, dict(target)  # a new dict: keys added downstream do not reach the cache
+        return image, dict(target)  # a new dict; the tensors are the cache's own: never write into them
 
     def _transformed(self, image_id: int) -> tuple[Tensor, dict[str, Any]]:
         if self.decoded is None:

@@ -93,8 +93,10 @@ def build_data(config: TrainConfig, ctx: DistributedContext) -> TrainingData:
     augment = config.augments()
     train_transforms = build_transforms(scale, True, augment)
     # without augmentation a sample is the same every epoch: keep it, transformed, in memory too
-    train = CocoDetection(CocoPaths(root, "train"), train_transforms, on_bad, cache, cache and not augment)
-    val = CocoDetection(CocoPaths(root, "val"), build_transforms(scale, False), on_bad, cache, cache)
+    # (in the training process only: a loader's worker processes end with each epoch, their caches too)
+    samples = cache and config.num_workers == 0
+    train = CocoDetection(CocoPaths(root, "train"), train_transforms, on_bad, cache, samples and not augment)
+    val = CocoDetection(CocoPaths(root, "val"), build_transforms(scale, False), on_bad, cache, samples)
     low_res = None
     if config.low_res_epochs > 0:
         low_res = build_transforms(SCALES[scale].scaled(config.low_res_factor), True, augment)

@@ -213,11 +213,16 @@ class Backbone(nn.Module):
 
         Args:
             shape: the images' ``[B, 3, H, W]``; layer1's input is ``[B, C0, ceil(H/4), ceil(W/4)]``
+                after the ResNet stem, ``[B, C0, floor(H/4), floor(W/4)]`` after a patchify stem
                 (``C0``: the stem's channels, 64 at ``backbone_width`` 1).
         """
         conv = self.body.layer1[0].conv1
         batch, _, height, width = shape
-        return dense_convolution_is_onednn(conv, torch.Size([batch, conv.in_channels, -(-height // 4), -(-width // 4)]))
+        if isinstance(self.body.maxpool, nn.Identity):  # patchify: a 4x4 stride-4 convolution, no padding
+            size = [height // 4, width // 4]
+        else:
+            size = [-(-height // 4), -(-width // 4)]
+        return dense_convolution_is_onednn(conv, torch.Size([batch, conv.in_channels, *size]))
 
     def load_imagenet_weights(self, path: str | Path) -> None:
         """Load torchvision-format ImageNet weights from a local file (never downloads)."""
@@ -258,7 +263,7 @@ class Backbone(nn.Module):
         in_place = speed.in_place_inference and runs_in_place((body.conv1, body.bn1))
         x = conv_norm(body.conv1, body.bn1, x, fold, in_place).relu_()  # [B, C0, H/2, W/2] (H/4, W/4: patchify)
         fast_pool = speed.fast_max_pool and not blocked  # oneDNN's own pool is fast
-        if isinstance(body.maxpool, nn.MaxPool2d):  # a patchify stem has no pool (already at H/4, W/4)
+        if not isinstance(body.maxpool, nn.Identity):  # a patchify stem has no pool (already at H/4, W/4)
             x = stem_max_pool(body.maxpool, x) if fast_pool else body.maxpool(x)  # [B, C0, H/4, W/4]
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for level_name, layer_name in (("c2", "layer1"), ("c3", "layer2"), *LEVEL_LAYERS.items()):

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.benchmarks import load_benchmark
 
@@ -31,6 +32,9 @@ def test_both_ways_load_the_same_batches_and_the_cache_is_filled_once(
     # a warm-up pass and two timed passes: 30 transforms without the cache, 10 with it
     assert calls == {"transformed": 30, "cached": 10}
     assert all(math.isfinite(ms) and ms > 0 for ms in result["ms_per_batch"].values())
+    ways = benchmark.ways_of_loading(TINY, low_res=False)
+    pairs = zip(ways["transformed"], ways["cached"], strict=True)
+    assert [torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"]) for a, b in pairs] == [True] * 12
     small = benchmark.measure([*TINY, "--low_res_epochs", "1", "--epochs", "2"], images=4, rounds=1, low_res=True)
     assert small["size"] == "low_res" and small["batches_per_pass"] == 1
 
@@ -53,5 +57,5 @@ def test_the_report_gives_the_cached_ratio() -> None:
 def test_a_run_that_augments_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SDETR_CACHE", str(tmp_path / "cache"))
     benchmark = load_benchmark("data_loading")
-    with pytest.raises(SystemExit, match="augments its training images"):
+    with pytest.raises(SystemExit, match="caches no samples: it augments its training images"):
         benchmark.measure([*TINY, "--augment"], images=8, rounds=1, low_res=False)

@@ -131,9 +131,29 @@ def test_a_view_and_new_transforms_get_a_sample_cache_of_their_own(tmp_path: Pat
     assert small.samples == {} and full.samples is not None and list(full.samples) == [2]
     assert small[1][0].shape == (3, 80, 106) and full[1][0] is full_image  # neither serves the other's size
     assert list(full.samples) == [2] and small.samples is not None and list(small.samples) == [2]
-    full.transforms = CountingTransforms(SCALES["synthetic"].scaled(0.5))  # replaced by hand: nothing stale
-    assert full.samples == {} and full[1][0].shape == (3, 80, 106)
+    assert full.with_transforms(CountingTransforms(), cache_samples=False).samples is None
+    replaced = CountingTransforms(SCALES["synthetic"].scaled(0.5))
+    full.transforms = replaced  # by hand: perhaps random, so the cache is off, and nothing stale is served
+    assert full.samples is None and full[1][0].shape == (3, 80, 106) and full[1][0] is not full[1][0]
+    assert replaced.calls == 3
     assert CocoDetection(paths, CountingTransforms()).samples is None  # off by default
+
+
+def test_filling_the_cache_leaves_torchs_random_stream_alone(tmp_path: Path) -> None:
+    """The deterministic resize draws its one-size choice from torch's generator; a resumed run
+    fills its caches at other epochs than the run it continues, so the fill must not draw."""
+    paths = write_coco(tmp_path, GOOD)
+    cached = CocoDetection(paths, build_transforms("synthetic", train=False), cache_samples=True)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    for index in range(len(cached)):
+        cached[index]
+    assert torch.equal(torch.rand(3), expected)
+    plain = CocoDetection(paths, build_transforms("synthetic", train=False))
+    torch.manual_seed(0)
+    plain[0]
+    assert not torch.equal(torch.rand(3), expected)  # uncached, the transform does draw (the reason)
 
 
 BAD_CASES = [

@@ -177,13 +177,18 @@ def test_progressive_resizing_trains_its_first_epochs_smaller_and_evaluates_at_f
     assert [trainer.low_res(epoch) for epoch in range(3)] == [True, True, False]
 
 
+@pytest.mark.parametrize(
+    "run", [{}, {"augment": False, "eval_every": 1, "denoising_groups": 2}], ids=["augmented", "cached_samples"]
+)
 def test_a_run_interrupted_in_its_low_res_epochs_resumes_exactly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: dict[str, object]
 ) -> None:
-    """Stopped after the first of two half-size epochs and resumed: the weights of a straight run."""
+    """Stopped after the first of two half-size epochs and resumed: the weights of a straight run.
+    Without augmentation the samples are cached, and the resumed run fills its caches at other
+    epochs than the straight one (its denoising noise must not see that)."""
 
     def config_for(output: Path, **changes: object) -> TrainConfig:
-        return small_config(output, epochs=3, low_res_epochs=2, low_res_factor=0.5, **changes)
+        return small_config(output, epochs=3, low_res_epochs=2, low_res_factor=0.5, **run, **changes)
 
     Trainer.from_config(config_for(tmp_path / "straight")).run()
     first = Trainer.from_config(config_for(tmp_path / "split"))
@@ -224,6 +229,8 @@ def test_synthetic_samples_are_cached_without_augmentation_and_the_small_view_la
     augmented = build_data(small_config(tmp_path, low_res_epochs=1, augment=True), ctx)
     assert augmented.train.samples is None and augmented.train_split(low_res=True).samples is None
     assert augmented.val.samples == {}  # validation is deterministic either way
+    workers = build_data(small_config(tmp_path, augment=False, num_workers=1), ctx)
+    assert workers.train.samples is None and workers.val.samples is None  # each epoch's workers would lose them
     data = build_data(small_config(tmp_path, low_res_epochs=1, augment=False), ctx)
     small = data.train_split(low_res=True)
     assert data.train.samples == {} and small.samples == {} and small is not data.train

@@ -48,7 +48,7 @@ def test_tiny_backbone_is_resnet18_at_half_depth_and_half_width() -> None:
     by_hand = sum(9 * c * c + 9 * c * c + 4 * c for c in (32, 64, 128, 256))  # two 3x3 convs and two GroupNorms
     assert second_blocks == by_hand
     assert count_parameters(tiny) == count_parameters(r18) - by_hand == 1_604_000
-    assert tiny.backbone.body.conv1.weight.shape == (32, 3, 4, 4)  # the patchify stem: 1536 weights, not 9408
+    assert tiny.backbone.body.conv1.weight.shape == (32, 3, 4, 4)  # the patchify stem: 1536 weights (a 7x7 stem: 4704)
     previous = build_model("sdetr-tiny", backbone_width=1.0, backbone_stem="resnet")
     assert count_parameters(previous) == 5_307_296
 

@@ -98,7 +98,8 @@ def test_stem_pool_falls_back_to_the_module_where_it_could_differ() -> None:
 
 
 def test_group_norm_training_step_gradients_equal_torchvisions_pool(padded_batch) -> None:  # type: ignore[no-untyped-def]
-    """The quickstart's backbone (GroupNorm, stem trained) with and without the fast pool."""
+    """A GroupNorm backbone with the ResNet stem, trained (the quickstart's until the patchify
+    stem), with and without the fast pool."""
     images, mask = padded_batch
     torch.manual_seed(0)
     model = build_model("sdetr-tiny", dropout=0.0, backbone_stem="resnet").train()  # a patchify stem has no pool

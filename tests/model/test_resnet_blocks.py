@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from sdetr import build_model, load_model, save_model
+from sdetr.checkpoints import infer_config
 from sdetr.config import ConfigError, get_config
 from sdetr.model.images import ImageBatch
 from sdetr.model.resnet_blocks import ARCHITECTURES, build_resnet
@@ -65,7 +66,7 @@ def test_half_width_halves_every_stage_and_quarters_the_convolutions() -> None:
 
 def test_a_half_width_detector_keeps_group_channels_and_round_trips(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = build_model("sdetr-tiny", backbone_width=0.5, num_classes=5).eval()
+    model = build_model("sdetr-tiny", backbone_width=0.5, backbone_stem="resnet", num_classes=5).eval()
     norms = [m for m in model.backbone.modules() if isinstance(m, nn.GroupNorm)]
     assert {m.num_groups for m in norms} == {16}
     assert min(m.num_channels // m.num_groups for m in norms) == 2  # as ResNet-10's stem at width 1
@@ -107,6 +108,8 @@ def test_a_patchify_stem_sees_each_4x4_patch_once_and_keeps_the_strides(tmp_path
     loaded = load_model(save_model(model, tmp_path / "patchify.pth"))
     bare = load_model(dict(model.state_dict()), preset="sdetr-tiny")  # no stored config: read from conv1
     assert loaded.config.backbone_stem == bare.config.backbone_stem == "patchify"
+    from_resnet_base = infer_config(model.state_dict(), base=get_config("sdetr-tiny", backbone_stem="resnet"))
+    assert from_resnet_base.backbone_stem == "patchify"  # read from conv1's kernel, not the base
     with torch.no_grad():
         for other in (loaded, bare):
             assert torch.equal(other([images[0]])["pred_logits"], expected["pred_logits"])
