@@ -15,7 +15,7 @@ variant and its ratio to the reference, and writes them as JSON.
 Usage (``--`` ends the script's own options: every argument after it is a variant)::
 
     python benchmarks/quickstart_step.py [--images 160] [--rounds 3] [--low_res] -- \\
-        "--set backbone_width=0.5" "--set backbone_width=0.5 --denoising_groups 0" ""
+        "" "--denoising_groups 0" "--set backbone_width=1 --set backbone_stem=resnet"
 
 What a variant's flags change is its trainer: the model, criterion, training aids, optimiser and
 precision. The batches are the reference's for all (its data, batch size, augmentation and

@@ -43,7 +43,7 @@ class TrainConfig:
     # Progressive resizing: the first ``low_res_epochs`` epochs train at ``low_res_factor`` x the
     # scale's sizes (cheaper steps), the rest and every evaluation at full size; 0 is off (the
     # original recipe). The quickstart's first 12 of 21 epochs at short side 128 instead of 160 take
-    # about 0.8x the time each (0.77x with ResNet-18), so more epochs fit the 10 minutes: with
+    # about 0.8x the time each (0.77x with ResNet-18, 0.85x with today's model), so more epochs fit the 10 minutes: with
     # ResNet-18, 13 where 12 did, AP50 0.416 -> 0.480 (docs/results.md).
     low_res_epochs: int = 12
     low_res_factor: float = 0.8

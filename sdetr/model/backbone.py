@@ -17,9 +17,9 @@ How it computes is a :class:`BackboneSpeed`, picked by name (``Backbone.set_spee
 - ``"fast"``: folded and channels-last everywhere;
 - ``"exact"``: torchvision's modules and forward everywhere.
 
-Every speed but ``exact`` also computes the stem's max pool faster on NCHW inputs, with the
-same values and gradients bit for bit (:mod:`sdetr.model.max_pool`), GroupNorm backbones
-included.
+Every speed but ``exact`` also computes the ResNet stem's max pool faster on NCHW inputs, with
+the same values and gradients bit for bit (:mod:`sdetr.model.max_pool`), GroupNorm backbones
+included (a patchify stem has no pool).
 
 All compute the same function and differ by float32 rounding only: the folding's (about 1e-5
 at the detector's outputs on the parity tests' padded batch, depending on the thread count),

@@ -1,7 +1,8 @@
 """The ResNet stem's max pool (3x3, stride 2, padding 1), computed faster with the same result.
 
 PyTorch's CPU kernel for this pool is slow on NCHW tensors: on this project's 2-core machine it
-took 80 ms for ResNet-50's stem output at 800x1333 and 9 ms for the quickstart's batch, about 4 %
+took 80 ms for ResNet-50's stem output at 800x1333 and 9 ms for a quickstart batch (the full-width
+ResNet-10 with this stem, the default until the patchify stem), about 4 %
 of a forward, against 0.4-0.5 ms for the same pool on an NHWC (channels-last) tensor. A maximum
 is exact whatever the order of comparisons, so the pool can be computed another way and give
 the same numbers bit for bit:

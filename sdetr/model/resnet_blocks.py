@@ -204,11 +204,13 @@ STAGE_PLANES = (64, 64, 128, 256, 512)
 class ScaledResNet(ResNet):
     """torchvision's ``ResNet`` with every stage's channels multiplied by ``width``.
 
-    At ``width=1`` it is torchvision's model: the same modules in the same order, the same
+    At ``width=1`` with the ResNet stem it is torchvision's model: the same modules in the same order, the same
     state-dict names and the same initialisation, parameter for parameter from the same seed
     (tested), so every existing config builds what it built before. ``width=0.5`` halves every
     convolution's channels (ResNet-10: 64..512 -> 32..256), about a quarter of the convolutions'
     work; ``32 * width`` must be a whole number (:class:`~sdetr.config.ModelConfig` checks it).
+    ``stem_kind="patchify"`` replaces the 7x7 stride-2 stem convolution and the max pool by one
+    4x4 stride-4 convolution (``maxpool`` is then ``nn.Identity``).
     Only the constructor differs from torchvision's (which fixes the stem at 64 channels); the
     forward and ``_make_layer`` are torchvision's.
     """
