@@ -144,7 +144,7 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
 
     @property
     def transforms(self) -> Callable[..., tuple[Tensor, dict[str, Any]]] | None:
-        """What turns a decoded image and its target into a sample; setting it empties the sample cache."""
+        """What turns a decoded image and its target into a sample; setting it turns the sample cache off."""
         return self._transforms
 
     @transforms.setter

@@ -59,12 +59,17 @@ class TrainingData:
                 "low-resolution epochs need TrainingData.low_res_transforms "
                 "(build_data makes them when TrainConfig.low_res_epochs > 0)"
             )
-        made_from = (self.train, self.train.ids, self.low_res_transforms)
-        if self._low_res_view is None or any(
-            now is not then for now, then in zip(made_from, self._low_res_view, strict=False)
+        kept = self._low_res_view
+        if kept is None or not (
+            kept[0] is self.train and kept[1] is self.train.ids and kept[2] is self.low_res_transforms
         ):
-            self._low_res_view = (*made_from, self.train.with_transforms(self.low_res_transforms))
-        return self._low_res_view[-1]
+            kept = self._low_res_view = (
+                self.train,
+                self.train.ids,
+                self.low_res_transforms,
+                self.train.with_transforms(self.low_res_transforms),
+            )
+        return kept[3]
 
     @property
     def num_classes(self) -> int:
